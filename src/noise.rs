@@ -1,0 +1,1 @@
+//! Seeded noise made on the host.

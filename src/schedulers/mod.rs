@@ -1,0 +1,1 @@
+//! Noise schedulers behind one trait that mirrors diffusers' scheduler API.
