@@ -72,7 +72,11 @@ impl Error {
     }
 
     /// A config problem for `field` in the file at `path`.
-    pub fn config(path: impl Into<PathBuf>, field: impl Into<String>, message: impl Into<String>) -> Self {
+    pub fn config(
+        path: impl Into<PathBuf>,
+        field: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Self {
         Error::Config {
             path: path.into(),
             field: field.into(),

@@ -1,5 +1,6 @@
 //! `latent`: text-to-image generation with latent diffusion models (Stable Diffusion 1.x/2.x) on candle.
 pub mod error;
+pub mod model;
 pub mod noise;
 pub mod schedulers;
 

@@ -1,0 +1,197 @@
+//! Safetensors weight files: memory-mapped, looked up by dotted name, checked against the
+//! shape the architecture expects, with errors that name the file and the tensor.
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use safetensors::tensor::{Dtype as StDtype, SafeTensors, TensorInfo};
+
+use crate::{Error, Result};
+
+/// File extensions of PyTorch pickle checkpoints, which we refuse to load (they can run code).
+const PICKLE_EXTENSIONS: &[&str] = &["bin", "ckpt", "pt", "pth", "pkl"];
+
+struct WeightsFile {
+    path: PathBuf,
+    mmap: memmap2::Mmap,
+    data_start: usize,
+    tensors: HashMap<String, TensorInfo>,
+}
+
+/// A view into one safetensors file under a name prefix (like candle's `VarBuilder`), that
+/// loads tensors onto a device in a chosen dtype.
+#[derive(Clone)]
+pub struct Weights {
+    file: Arc<WeightsFile>,
+    prefix: String,
+    device: Device,
+    dtype: DType,
+}
+
+impl Weights {
+    /// Memory-maps `path` and reads its header. Pickle checkpoints, truncated files and
+    /// malformed headers are refused with an error naming the file.
+    pub fn open(path: &Path, device: &Device, dtype: DType) -> Result<Self> {
+        let ext = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .unwrap_or("")
+            .to_ascii_lowercase();
+        if PICKLE_EXTENSIONS.contains(&ext.as_str()) {
+            return Err(Error::Weights {
+                path: path.to_path_buf(),
+                message: "PyTorch pickle checkpoints are not supported (they can execute code); \
+                          convert the model to .safetensors"
+                    .into(),
+            });
+        }
+        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        // SAFETY: the map is read-only; a file truncated underneath us while mapped is the one
+        // case memmap cannot guard against, and the same holds for every mmap-based loader.
+        let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        let (header_len, metadata) =
+            SafeTensors::read_metadata(&mmap).map_err(|e| Error::Weights {
+                path: path.to_path_buf(),
+                message: format!("not a valid safetensors file ({e}); is it truncated?"),
+            })?;
+        let data_start = 8 + header_len;
+        let tensors: HashMap<String, TensorInfo> = metadata
+            .tensors()
+            .into_iter()
+            .map(|(k, v)| (k, v.clone()))
+            .collect();
+        let data_len = mmap.len().saturating_sub(data_start);
+        if let Some((name, info)) = tensors.iter().find(|(_, i)| i.data_offsets.1 > data_len) {
+            return Err(Error::Weights {
+                path: path.to_path_buf(),
+                message: format!(
+                    "file is truncated: tensor `{name}` ends at byte {} of a {data_len}-byte data section",
+                    info.data_offsets.1
+                ),
+            });
+        }
+        Ok(Self {
+            file: Arc::new(WeightsFile {
+                path: path.to_path_buf(),
+                mmap,
+                data_start,
+                tensors,
+            }),
+            prefix: String::new(),
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    /// A view whose names are prefixed by `name.` (diffusers module paths).
+    pub fn pp(&self, name: impl std::fmt::Display) -> Self {
+        let prefix = if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        };
+        Self {
+            prefix,
+            ..self.clone()
+        }
+    }
+
+    /// The same file, loading in another dtype.
+    pub fn with_dtype(&self, dtype: DType) -> Self {
+        Self {
+            dtype,
+            ..self.clone()
+        }
+    }
+
+    fn full_name(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        }
+    }
+
+    /// Path of the underlying file.
+    pub fn path(&self) -> &Path {
+        &self.file.path
+    }
+
+    /// Device tensors are loaded onto.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Dtype tensors are converted to.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Whether a tensor named `name` (under the prefix) exists.
+    pub fn contains(&self, name: &str) -> bool {
+        self.file.tensors.contains_key(&self.full_name(name))
+    }
+
+    /// Loads tensor `name`, checking that its shape is `shape`.
+    pub fn get(&self, shape: &[usize], name: &str) -> Result<Tensor> {
+        let full = self.full_name(name);
+        let info = self.info(&full)?;
+        if info.shape != shape {
+            return Err(Error::TensorShape {
+                path: self.file.path.clone(),
+                name: full,
+                expected: shape.to_vec(),
+                found: info.shape.clone(),
+            });
+        }
+        self.load(&full, info)
+    }
+
+    /// Loads tensor `name` whatever its shape.
+    pub fn get_any_shape(&self, name: &str) -> Result<Tensor> {
+        let full = self.full_name(name);
+        let info = self.info(&full)?;
+        self.load(&full, info)
+    }
+
+    fn info(&self, full: &str) -> Result<&TensorInfo> {
+        self.file
+            .tensors
+            .get(full)
+            .ok_or_else(|| Error::MissingTensor {
+                path: self.file.path.clone(),
+                name: full.to_string(),
+            })
+    }
+
+    fn load(&self, full: &str, info: &TensorInfo) -> Result<Tensor> {
+        let dtype = match info.dtype {
+            StDtype::F32 => DType::F32,
+            StDtype::F16 => DType::F16,
+            StDtype::BF16 => DType::BF16,
+            StDtype::F64 => DType::F64,
+            other => {
+                return Err(Error::Weights {
+                    path: self.file.path.clone(),
+                    message: format!("tensor `{full}` has unsupported dtype {other:?}"),
+                })
+            }
+        };
+        let (start, end) = info.data_offsets;
+        let bytes = &self.file.mmap[self.file.data_start + start..self.file.data_start + end];
+        let expected = info.shape.iter().product::<usize>() * dtype.size_in_bytes();
+        if bytes.len() != expected {
+            return Err(Error::Weights {
+                path: self.file.path.clone(),
+                message: format!(
+                    "tensor `{full}` holds {} bytes, its shape {:?} needs {expected}",
+                    bytes.len(),
+                    info.shape
+                ),
+            });
+        }
+        let t = Tensor::from_raw_buffer(bytes, dtype, &info.shape, &Device::Cpu)?;
+        Ok(t.to_dtype(self.dtype)?.to_device(&self.device)?)
+    }
+}
