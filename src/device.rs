@@ -1,0 +1,170 @@
+//! Where the model runs and in which precision, and how `Auto` resolves.
+use std::fmt;
+use std::str::FromStr;
+
+use candle_core::{DType, Device};
+
+use crate::{Error, Result};
+
+/// Which device to run on.
+///
+/// `Auto` picks the first CUDA GPU when the binary was built with the `cuda` feature and one is
+/// present, else Metal when built with `metal` and available, else the CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceSpec {
+    #[default]
+    Auto,
+    Cpu,
+    Cuda(usize),
+    Metal,
+}
+
+impl FromStr for DeviceSpec {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let s = s.trim().to_ascii_lowercase();
+        match s.as_str() {
+            "auto" => Ok(Self::Auto),
+            "cpu" => Ok(Self::Cpu),
+            "cuda" | "gpu" => Ok(Self::Cuda(0)),
+            "metal" | "mps" => Ok(Self::Metal),
+            _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(n)) => Ok(Self::Cuda(n)),
+                _ => Err(Error::InvalidInput(format!(
+                    "unknown device {s:?}: expected auto, cpu, cuda, cuda:N or metal"
+                ))),
+            },
+        }
+    }
+}
+
+impl fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Auto => write!(f, "auto"),
+            Self::Cpu => write!(f, "cpu"),
+            Self::Cuda(n) => write!(f, "cuda:{n}"),
+            Self::Metal => write!(f, "metal"),
+        }
+    }
+}
+
+impl DeviceSpec {
+    /// Opens the device. Asking for CUDA or Metal in a build without that feature is an error
+    /// that says which feature to enable.
+    pub fn open(self) -> Result<Device> {
+        match self {
+            Self::Cpu => Ok(Device::Cpu),
+            Self::Auto => {
+                if candle_core::utils::cuda_is_available() {
+                    if let Ok(d) = Device::new_cuda(0) {
+                        return Ok(d);
+                    }
+                }
+                if candle_core::utils::metal_is_available() {
+                    if let Ok(d) = Device::new_metal(0) {
+                        return Ok(d);
+                    }
+                }
+                Ok(Device::Cpu)
+            }
+            Self::Cuda(n) => {
+                if !candle_core::utils::cuda_is_available() {
+                    return Err(Error::InvalidInput(
+                        "--device cuda: this binary was built without CUDA support (rebuild with --features cuda)".into(),
+                    ));
+                }
+                Device::new_cuda(n)
+                    .map_err(|e| Error::InvalidInput(format!("--device cuda:{n}: {e}")))
+            }
+            Self::Metal => {
+                if !candle_core::utils::metal_is_available() {
+                    return Err(Error::InvalidInput(
+                        "--device metal: this binary was built without Metal support (rebuild with --features metal)".into(),
+                    ));
+                }
+                Device::new_metal(0)
+                    .map_err(|e| Error::InvalidInput(format!("--device metal: {e}")))
+            }
+        }
+    }
+}
+
+/// Floating-point precision of the model weights and activations.
+///
+/// `Auto` is f16 on a GPU and f32 on the CPU (where f16 is slow and bf16 lacks fast kernels).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    #[default]
+    Auto,
+    F32,
+    F16,
+    BF16,
+}
+
+impl FromStr for Precision {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(Self::Auto),
+            "f32" | "fp32" | "float32" => Ok(Self::F32),
+            "f16" | "fp16" | "float16" | "half" => Ok(Self::F16),
+            "bf16" | "bfloat16" => Ok(Self::BF16),
+            other => Err(Error::InvalidInput(format!(
+                "unknown dtype {other:?}: expected auto, f32, f16 or bf16"
+            ))),
+        }
+    }
+}
+
+impl fmt::Display for Precision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::F32 => "f32",
+            Self::F16 => "f16",
+            Self::BF16 => "bf16",
+        })
+    }
+}
+
+impl Precision {
+    /// The dtype this precision means on `device`.
+    pub fn resolve(self, device: &Device) -> DType {
+        match self {
+            Self::Auto if device.is_cpu() => DType::F32,
+            Self::Auto => DType::F16,
+            Self::F32 => DType::F32,
+            Self::F16 => DType::F16,
+            Self::BF16 => DType::BF16,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_prints_devices() {
+        for (s, d) in [
+            ("auto", DeviceSpec::Auto),
+            ("cpu", DeviceSpec::Cpu),
+            ("cuda", DeviceSpec::Cuda(0)),
+            ("cuda:3", DeviceSpec::Cuda(3)),
+            ("metal", DeviceSpec::Metal),
+        ] {
+            assert_eq!(s.parse::<DeviceSpec>().unwrap(), d);
+        }
+        assert_eq!(DeviceSpec::Cuda(2).to_string(), "cuda:2");
+        assert!("tpu".parse::<DeviceSpec>().is_err());
+        assert!("cuda:x".parse::<DeviceSpec>().is_err());
+    }
+
+    #[test]
+    fn auto_precision_is_f32_on_cpu() {
+        assert_eq!(Precision::Auto.resolve(&Device::Cpu), DType::F32);
+        assert_eq!("bf16".parse::<Precision>().unwrap(), Precision::BF16);
+        assert!("f8".parse::<Precision>().is_err());
+    }
+}

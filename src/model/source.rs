@@ -1,0 +1,205 @@
+//! Where a model's files come from: a local diffusers folder or a Hugging Face hub repo.
+//!
+//! Hub downloads go to the standard Hugging Face cache (`HF_HUB_CACHE`, else `HF_HOME/hub`,
+//! else `~/.cache/huggingface/hub`), so they are shared with Python tools. `HF_HUB_OFFLINE=1`
+//! uses only what the cache holds; `HF_TOKEN` (or the cache's token file) authenticates.
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use hf_hub::{Cache, Repo, RepoType};
+
+use crate::{Error, Result};
+
+/// A model location given by the user.
+#[derive(Debug, Clone)]
+pub enum ModelSource {
+    /// A folder in diffusers layout.
+    Local(PathBuf),
+    /// A hub repo id (`owner/name`) at a revision.
+    Hub { repo_id: String, revision: String },
+}
+
+impl ModelSource {
+    /// A path that exists is a local folder; otherwise an `owner/name` id is a hub repo.
+    pub fn parse(spec: &str, revision: Option<&str>) -> Result<Self> {
+        let path = Path::new(spec);
+        if path.exists() {
+            if !path.is_dir() {
+                return Err(Error::InvalidInput(format!(
+                    "--model {spec}: expected a folder in diffusers layout (model_index.json, unet/, vae/, ...), found a file"
+                )));
+            }
+            if revision.is_some() {
+                return Err(Error::InvalidInput(
+                    "--revision only applies to hub models, not local folders".into(),
+                ));
+            }
+            return Ok(Self::Local(path.to_path_buf()));
+        }
+        let parts: Vec<&str> = spec.split('/').collect();
+        let looks_like_id = parts.len() == 2
+            && parts.iter().all(|p| {
+                !p.is_empty()
+                    && p.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            });
+        if !looks_like_id {
+            return Err(Error::InvalidInput(format!(
+                "--model {spec}: no such folder, and not a hub repo id of the form owner/name"
+            )));
+        }
+        Ok(Self::Hub {
+            repo_id: spec.to_string(),
+            revision: revision.unwrap_or("main").to_string(),
+        })
+    }
+
+    /// Opens the source, resolving how files will be fetched.
+    pub fn open(&self) -> Result<ModelFiles> {
+        match self {
+            Self::Local(dir) => Ok(ModelFiles {
+                name: dir
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| dir.display().to_string()),
+                backend: Backend::Local(dir.clone()),
+            }),
+            Self::Hub { repo_id, revision } => {
+                let cache = hub_cache();
+                let repo = Repo::with_revision(repo_id.clone(), RepoType::Model, revision.clone());
+                let offline = std::env::var("HF_HUB_OFFLINE")
+                    .map(|v| matches!(v.trim(), "1" | "true" | "TRUE" | "yes" | "ON" | "on"))
+                    .unwrap_or(false);
+                let backend = if offline {
+                    Backend::HubOffline {
+                        cache: cache.repo(repo),
+                        repo_id: repo_id.clone(),
+                    }
+                } else {
+                    let token = std::env::var("HF_TOKEN")
+                        .ok()
+                        .filter(|t| !t.is_empty())
+                        .or_else(|| cache.token());
+                    let api = hf_hub::api::sync::ApiBuilder::from_cache(cache)
+                        .with_token(token)
+                        .with_progress(false)
+                        .build()
+                        .map_err(|e| Error::Hub(format!("{repo_id}: {e}")))?;
+                    let api_repo = api.repo(repo);
+                    let info = api_repo
+                        .info()
+                        .map_err(|e| Error::Hub(format!("{repo_id}@{revision}: cannot list files: {e} (set HF_HUB_OFFLINE=1 to use the local cache only)")))?;
+                    Backend::Hub {
+                        files: info.siblings.into_iter().map(|s| s.rfilename).collect(),
+                        repo: api_repo,
+                        repo_id: repo_id.clone(),
+                    }
+                };
+                Ok(ModelFiles {
+                    name: repo_id.clone(),
+                    backend,
+                })
+            }
+        }
+    }
+}
+
+fn hub_cache() -> Cache {
+    if let Ok(dir) = std::env::var("HF_HUB_CACHE") {
+        return Cache::new(PathBuf::from(dir));
+    }
+    Cache::from_env()
+}
+
+enum Backend {
+    Local(PathBuf),
+    HubOffline {
+        cache: hf_hub::CacheRepo,
+        repo_id: String,
+    },
+    Hub {
+        repo: hf_hub::api::sync::ApiRepo,
+        repo_id: String,
+        files: HashSet<String>,
+    },
+}
+
+/// An opened model: fetches files by their path inside the diffusers layout.
+pub struct ModelFiles {
+    name: String,
+    backend: Backend,
+}
+
+impl ModelFiles {
+    /// A short name for the model (folder name or repo id), recorded in image metadata.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Whether the model has the file `rel` (e.g. `unet/config.json`).
+    pub fn has(&self, rel: &str) -> bool {
+        match &self.backend {
+            Backend::Local(dir) => dir.join(rel).is_file(),
+            Backend::HubOffline { cache, .. } => cache.get(rel).is_some(),
+            Backend::Hub { files, .. } => files.contains(rel),
+        }
+    }
+
+    /// The local path of `rel`, downloading it first for hub models.
+    pub fn get(&self, rel: &str) -> Result<PathBuf> {
+        match &self.backend {
+            Backend::Local(dir) => {
+                let p = dir.join(rel);
+                if p.is_file() {
+                    Ok(p)
+                } else {
+                    Err(Error::MissingFile {
+                        path: p,
+                        hint: " (is this a diffusers-format Stable Diffusion folder?)".into(),
+                    })
+                }
+            }
+            Backend::HubOffline { cache, repo_id } => cache.get(rel).ok_or_else(|| Error::MissingFile {
+                path: PathBuf::from(format!("{repo_id}/{rel}")),
+                hint: " in the Hugging Face cache (HF_HUB_OFFLINE is set, so nothing is downloaded)".into(),
+            }),
+            Backend::Hub { repo, repo_id, files } => {
+                if !files.contains(rel) {
+                    return Err(Error::MissingFile {
+                        path: PathBuf::from(format!("{repo_id}/{rel}")),
+                        hint: " on the hub".into(),
+                    });
+                }
+                repo.get(rel).map_err(|e| Error::Hub(format!("{repo_id}/{rel}: {e}")))
+            }
+        }
+    }
+
+    /// The weights file of a component folder: `{stem}.fp16.safetensors` when `prefer_fp16`
+    /// and present, else `{stem}.safetensors`. Only pickle files present is a clear error.
+    pub fn weights(&self, folder: &str, stem: &str, prefer_fp16: bool) -> Result<PathBuf> {
+        let fp16 = format!("{folder}/{stem}.fp16.safetensors");
+        let full = format!("{folder}/{stem}.safetensors");
+        if prefer_fp16 && self.has(&fp16) {
+            return self.get(&fp16);
+        }
+        if self.has(&full) {
+            return self.get(&full);
+        }
+        if self.has(&fp16) {
+            return self.get(&fp16);
+        }
+        for ext in ["bin", "fp16.bin", "ckpt"] {
+            let pickle = format!("{folder}/{stem}.{ext}");
+            if self.has(&pickle) {
+                return Err(Error::Weights {
+                    path: PathBuf::from(format!("{}/{pickle}", self.name)),
+                    message: "only a PyTorch pickle checkpoint is present; latent loads .safetensors only \
+                              (pickles can execute code): convert it, e.g. with diffusers' save_pretrained(safe_serialization=True)"
+                        .into(),
+                });
+            }
+        }
+        self.get(&full)
+    }
+}
