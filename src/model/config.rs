@@ -247,16 +247,16 @@ impl UNetConfig {
             "reverse_transformer_layers_per_block",
             "mid_block_only_cross_attention",
         ] {
-            f.expect_one_of(key, &[null.clone()])?;
+            f.expect_one_of(key, std::slice::from_ref(&null))?;
         }
-        f.expect_one_of("num_attention_heads", &[null.clone()])?;
+        f.expect_one_of("num_attention_heads", std::slice::from_ref(&null))?;
         for key in [
             "only_cross_attention",
             "dual_cross_attention",
             "resnet_skip_time_act",
             "class_embeddings_concat",
         ] {
-            f.expect_one_of(key, &[f_false.clone()])?;
+            f.expect_one_of(key, std::slice::from_ref(&f_false))?;
         }
         f.expect_one_of("mid_block_type", &["UNetMidBlock2DCrossAttn".into()])?;
         f.expect_one_of("act_fn", &["silu".into()])?;
@@ -376,10 +376,10 @@ impl UNetConfig {
         };
         let conv_in_kernel: usize = f.opt("conv_in_kernel", 3)?;
         let conv_out_kernel: usize = f.opt("conv_out_kernel", 3)?;
-        if conv_in_kernel % 2 == 0 {
+        if conv_in_kernel.is_multiple_of(2) {
             return Err(f.error("conv_in_kernel", "must be odd"));
         }
-        if conv_out_kernel % 2 == 0 {
+        if conv_out_kernel.is_multiple_of(2) {
             return Err(f.error("conv_out_kernel", "must be odd"));
         }
         Ok(Self {

@@ -91,7 +91,7 @@ impl ModelSource {
                         .map_err(|e| Error::Hub(format!("{repo_id}@{revision}: cannot list files: {e} (set HF_HUB_OFFLINE=1 to use the local cache only)")))?;
                     Backend::Hub {
                         files: info.siblings.into_iter().map(|s| s.rfilename).collect(),
-                        repo: api_repo,
+                        repo: Box::new(api_repo),
                         repo_id: repo_id.clone(),
                     }
                 };
@@ -118,7 +118,7 @@ enum Backend {
         repo_id: String,
     },
     Hub {
-        repo: hf_hub::api::sync::ApiRepo,
+        repo: Box<hf_hub::api::sync::ApiRepo>,
         repo_id: String,
         files: HashSet<String>,
     },
