@@ -3,6 +3,7 @@ pub mod device;
 pub mod error;
 pub mod model;
 pub mod noise;
+pub mod output;
 pub mod schedulers;
 
 pub use error::{Error, Result};
