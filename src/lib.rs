@@ -5,5 +5,6 @@ pub mod model;
 pub mod noise;
 pub mod output;
 pub mod schedulers;
+pub mod text;
 
 pub use error::{Error, Result};

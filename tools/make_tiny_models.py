@@ -562,6 +562,18 @@ def run_pipeline_cases(pipes, out):
     return records
 
 
+def finite_json(o):
+    """Strict JSON has no Infinity/NaN (diffusers' DPM-Solver config holds -inf): write those as
+    the strings "inf", "-inf", "nan"."""
+    if isinstance(o, float) and not np.isfinite(o):
+        return "nan" if np.isnan(o) else ("inf" if o > 0 else "-inf")
+    if isinstance(o, dict):
+        return {k: finite_json(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [finite_json(v) for v in o]
+    return o
+
+
 def json_default(o):
     if isinstance(o, (np.integer,)):
         return int(o)
@@ -620,6 +632,8 @@ def main():
             "`latents` are the final latents (output_type='latent', before 1/scaling_factor); `image` "
             "is the pipeline's output_type='np' image (NHWC float32 in [0, 1]); `image_u8` is "
             "round(image * 255) as the pipeline saves it.",
+            "Non-finite floats in configs are written as the strings \"inf\", \"-inf\", \"nan\" "
+            "(strict JSON has no Infinity).",
             "Token ids are the pipeline tokenizer's, padded to max_length with the model's pad token. "
             "`dropped` is the text diffusers' truncation warning reports: batch_decode of the "
             "untruncated ids [model_max_length - 1 : -1], i.e. lowercased, tokens joined with spaces.",
@@ -629,7 +643,11 @@ def main():
         "pipeline": runs,
     }
     (golden / "cases.json").write_text(
-        json.dumps(cases, indent=1, ensure_ascii=False, default=json_default) + "\n", encoding="utf-8"
+        json.dumps(
+            finite_json(cases), indent=1, ensure_ascii=False, default=json_default, allow_nan=False
+        )
+        + "\n",
+        encoding="utf-8",
     )
     total = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file())
     print(f"done: {total / 1e6:.2f} MB under {args.out}")
