@@ -4,6 +4,7 @@ pub mod error;
 pub mod model;
 pub mod noise;
 pub mod output;
+pub mod pipeline;
 pub mod schedulers;
 pub mod text;
 

@@ -54,6 +54,7 @@ fn check_unet(name: &str) {
             .unwrap();
         let d = max_abs_diff(&out, &g[&format!("unet_{tag}_out")]);
         // f32 on both sides; differences are summation order only.
+        eprintln!("{name} unet {tag}: max abs diff {d:.3e}");
         assert!(d < 1e-4, "{name} unet {tag}: max abs diff {d}");
     }
 }
@@ -71,6 +72,7 @@ fn check_vae(name: &str) {
     let g = goldens(name);
     let image = vae.decode(&g["vae_latents"]).unwrap();
     let d = max_abs_diff(&image, &g["vae_image"]);
+    eprintln!("{name} vae: max abs diff {d:.3e}");
     assert!(d < 1e-4, "{name} vae: max abs diff {d}");
 }
 

@@ -1,0 +1,110 @@
+//! Command-line definitions (clap) and their conversion into library settings. Validation
+//! lives here; work does not.
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use latent::device::{DeviceSpec, Precision};
+use latent::noise::RngKind;
+use latent::schedulers::SchedulerKind;
+
+/// Text-to-image generation with latent diffusion (Stable Diffusion 1.x/2.x), in Rust.
+#[derive(Debug, Parser)]
+#[command(name = "latent", version, about, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Generate images from a text prompt.
+    Generate(GenerateArgs),
+    /// Print the generation parameters stored in a PNG made by latent (or AUTOMATIC1111).
+    Info {
+        /// PNG file(s) to read.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+}
+
+/// Flags that choose and place the model; shared by every command that runs one.
+#[derive(Debug, Args, Clone)]
+pub struct ModelArgs {
+    /// Model: a local diffusers folder or a Hugging Face hub repo id (owner/name).
+    /// Default: $LATENT_MODEL, else the bundled model.
+    #[arg(short, long)]
+    pub model: Option<String>,
+    /// Hub revision (branch, tag or commit) for a hub model.
+    #[arg(long)]
+    pub revision: Option<String>,
+    /// Device: auto, cpu, cuda, cuda:N or metal.
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceSpec,
+    /// Precision: auto (f16 on GPU, f32 on CPU), f32, f16 or bf16.
+    #[arg(long, default_value = "auto")]
+    pub dtype: Precision,
+}
+
+/// Flags of one sampling run; shared by generate, walk and batch.
+#[derive(Debug, Args, Clone)]
+pub struct SamplingArgs {
+    /// What to leave out of the image.
+    #[arg(long = "negative-prompt", visible_alias = "neg", default_value = "")]
+    pub negative_prompt: String,
+    /// Image width in pixels (multiple of 8). Default: the model's native size.
+    #[arg(short = 'W', long)]
+    pub width: Option<usize>,
+    /// Image height in pixels (multiple of 8). Default: the model's native size.
+    #[arg(short = 'H', long)]
+    pub height: Option<usize>,
+    /// Denoising steps.
+    #[arg(short, long, default_value_t = 30)]
+    pub steps: usize,
+    /// Classifier-free guidance scale; <= 1 skips the unconditional pass.
+    #[arg(short, long, visible_alias = "cfg", default_value_t = 7.5)]
+    pub guidance: f64,
+    /// Scheduler: ddim, pndm, euler, euler-a, dpm++2m. Default: the model's own.
+    #[arg(long)]
+    pub scheduler: Option<SchedulerKind>,
+    /// Use Karras sigmas (euler, euler-a, dpm++2m).
+    #[arg(long)]
+    pub karras: bool,
+    /// Noise generator: torch reproduces torch.Generator("cpu").manual_seed(seed) + randn.
+    #[arg(long, default_value = "torch")]
+    pub rng: RngKind,
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// The text prompt.
+    pub prompt: String,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// Seed of the first image (image i uses seed + i). Random when absent; always recorded.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Number of images.
+    #[arg(short = 'n', long = "num-images", default_value_t = 1)]
+    pub num_images: usize,
+    /// Images per UNet call.
+    #[arg(long = "batch-size", default_value_t = 1)]
+    pub batch_size: usize,
+    /// Start from these latents (.safetensors or .npy, shape (n, 4, h/8, w/8)) instead of noise.
+    #[arg(long)]
+    pub latents: Option<PathBuf>,
+    /// Output PNG file, or folder (default: outputs/).
+    #[arg(short, long)]
+    pub output: Option<PathBuf>,
+    /// Replace existing files.
+    #[arg(long)]
+    pub overwrite: bool,
+    /// No progress bars or summary.
+    #[arg(short, long)]
+    pub quiet: bool,
+    /// Print one JSON object per image on stdout.
+    #[arg(long)]
+    pub json: bool,
+}

@@ -1,0 +1,607 @@
+//! The text-to-image pipeline, in diffusers' stage order: check inputs, encode prompt, set
+//! timesteps, prepare latents, denoise, decode. Walks and batches reuse these stages.
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::model::{ModelFiles, UNet, UNetConfig, VaeConfig, VaeDecoder, Weights};
+use crate::noise::{NoiseSource, RngKind};
+use crate::schedulers::{self, Scheduler, SchedulerConfig, SchedulerKind};
+use crate::text::{ClipTextConfig, ClipTextModel, ClipTokenizer};
+use crate::{Error, Result};
+
+/// Something the pipeline reports while it works; the library never prints.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// A component is being loaded.
+    Loading { component: &'static str },
+    /// A denoising step finished for the batch starting at image `first_image`.
+    Step {
+        first_image: usize,
+        batch: usize,
+        step: usize,
+        steps: usize,
+    },
+    /// The batch starting at `first_image` is being decoded.
+    Decoding { first_image: usize, batch: usize },
+    /// Something the user should know (prompt truncated, f16 decode fell back to f32, ...).
+    Warning(String),
+}
+
+/// A loaded Stable Diffusion model: tokenizer, text encoder, UNet, VAE decoder and the
+/// scheduler settings from the model's own files.
+pub struct StableDiffusion {
+    name: String,
+    tokenizer: ClipTokenizer,
+    text_encoder: ClipTextModel,
+    unet: UNet,
+    vae: VaeDecoder,
+    vae_weights: Weights,
+    scheduler_config: SchedulerConfig,
+    scheduler_path: std::path::PathBuf,
+    device: Device,
+    dtype: DType,
+}
+
+/// Files of a tokenizer folder (a tokenizer.json, or vocab.json + merges.txt, plus configs).
+const TOKENIZER_FILES: &[&str] = &[
+    "tokenizer.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+];
+
+/// Pipeline classes whose `model_index.json` we can run.
+const PIPELINE_CLASSES: &[&str] = &["StableDiffusionPipeline"];
+
+impl StableDiffusion {
+    /// Loads every component of the model in `files` onto `device` in `dtype`.
+    pub fn load(
+        files: &ModelFiles,
+        device: &Device,
+        dtype: DType,
+        on_event: &mut dyn FnMut(Event),
+    ) -> Result<Self> {
+        let index = crate::model::ConfigFile::open(&files.get("model_index.json")?)?;
+        let class: String = index.req("_class_name")?;
+        if !PIPELINE_CLASSES.contains(&class.as_str()) {
+            return Err(index.error(
+                "_class_name",
+                format!("{class} is not supported (latent runs StableDiffusionPipeline models: SD 1.x and 2.x)"),
+            ));
+        }
+        let prefer_fp16 = dtype == DType::F16;
+
+        on_event(Event::Loading {
+            component: "tokenizer",
+        });
+        let mut tokenizer_dir = None;
+        for f in TOKENIZER_FILES {
+            let rel = format!("tokenizer/{f}");
+            if files.has(&rel) {
+                let path = files.get(&rel)?;
+                tokenizer_dir = path.parent().map(Path::to_path_buf);
+            }
+        }
+        let tokenizer_dir = match tokenizer_dir {
+            Some(d) => d,
+            // Nothing there: let the error name the file a CLIP tokenizer needs.
+            None => files.get("tokenizer/vocab.json")?,
+        };
+        let tokenizer = ClipTokenizer::from_dir(&tokenizer_dir)?;
+
+        on_event(Event::Loading {
+            component: "text encoder",
+        });
+        let text_config = ClipTextConfig::from_file(&files.get("text_encoder/config.json")?)?;
+        let text_weights = Weights::open(
+            &files.weights("text_encoder", "model", prefer_fp16)?,
+            device,
+            dtype,
+        )?;
+        let text_encoder = ClipTextModel::load(&text_weights, &text_config)?;
+
+        on_event(Event::Loading { component: "unet" });
+        let unet_config = UNetConfig::from_file(&files.get("unet/config.json")?)?;
+        let unet_weights = Weights::open(
+            &files.weights("unet", "diffusion_pytorch_model", prefer_fp16)?,
+            device,
+            dtype,
+        )?;
+        let unet = UNet::load(&unet_weights, &unet_config)?;
+
+        on_event(Event::Loading { component: "vae" });
+        let vae_config = VaeConfig::from_file(&files.get("vae/config.json")?)?;
+        let vae_weights = Weights::open(
+            &files.weights("vae", "diffusion_pytorch_model", prefer_fp16)?,
+            device,
+            dtype,
+        )?;
+        let vae = VaeDecoder::load(&vae_weights, &vae_config)?;
+
+        let scheduler_path = files.get("scheduler/scheduler_config.json")?;
+        let scheduler_config = SchedulerConfig::from_file(&scheduler_path)?;
+
+        if text_config.hidden_size != unet_config.cross_attention_dim {
+            return Err(Error::config(
+                files.get("unet/config.json")?,
+                "cross_attention_dim",
+                format!(
+                    "is {}, but the text encoder's hidden_size is {}",
+                    unet_config.cross_attention_dim, text_config.hidden_size
+                ),
+            ));
+        }
+        Ok(Self {
+            name: files.name().to_string(),
+            tokenizer,
+            text_encoder,
+            unet,
+            vae,
+            vae_weights,
+            scheduler_config,
+            scheduler_path,
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    /// Model name recorded in image metadata.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The scheduler named by the model's `scheduler_config.json` (an error when latent does
+    /// not implement that class; `--scheduler` then still works).
+    pub fn default_scheduler(&self) -> Result<SchedulerKind> {
+        self.scheduler_config.default_kind(&self.scheduler_path)
+    }
+
+    /// Default image size in pixels: the UNet's sample_size times the VAE's downscaling.
+    pub fn default_size(&self) -> usize {
+        self.unet.config().sample_size * self.vae.config().scale_factor()
+    }
+
+    /// Spatial factor between pixels and latents.
+    pub fn vae_scale_factor(&self) -> usize {
+        self.vae.config().scale_factor()
+    }
+
+    /// Latent channels the UNet works on.
+    pub fn latent_channels(&self) -> usize {
+        self.unet.config().in_channels
+    }
+
+    /// The device the model lives on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The dtype of weights and activations.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Builds a scheduler of `kind` from the model's scheduler settings for `steps` steps.
+    pub fn scheduler(
+        &self,
+        kind: SchedulerKind,
+        steps: usize,
+        karras: bool,
+    ) -> Result<Box<dyn Scheduler>> {
+        schedulers::build(kind, &self.scheduler_config, steps, karras)
+    }
+
+    /// Stage 1: encodes the prompt and, with guidance, the negative prompt.
+    ///
+    /// Returns (1, tokens, hidden) embeddings; text lost to the 77-token limit is reported as
+    /// a warning event.
+    pub fn encode_prompt(
+        &self,
+        prompt: &str,
+        negative_prompt: &str,
+        guidance: f64,
+        on_event: &mut dyn FnMut(Event),
+    ) -> Result<PromptEmbeddings> {
+        let cond = self.encode_text(prompt, "prompt", on_event)?;
+        let uncond = if guidance > 1.0 {
+            Some(self.encode_text(negative_prompt, "negative prompt", on_event)?)
+        } else {
+            None
+        };
+        Ok(PromptEmbeddings { cond, uncond })
+    }
+
+    fn encode_text(
+        &self,
+        text: &str,
+        what: &str,
+        on_event: &mut dyn FnMut(Event),
+    ) -> Result<Tensor> {
+        let tokens = self.tokenizer.encode(text)?;
+        if let Some(dropped) = &tokens.dropped {
+            on_event(Event::Warning(format!(
+                "the {what} is longer than {} tokens; this part was dropped: {dropped:?}",
+                self.tokenizer.max_length()
+            )));
+        }
+        let n = tokens.ids.len();
+        let ids = Tensor::from_vec(tokens.ids, (1, n), &self.device)?;
+        Ok(self.text_encoder.forward(&ids)?.to_dtype(DType::F32)?)
+    }
+
+    /// Stage 4: initial latents for one batch: fresh noise from `noise` (row i from image i's
+    /// generator) or the given latents, times the scheduler's initial sigma.
+    pub fn prepare_latents(
+        &self,
+        batch: usize,
+        width: usize,
+        height: usize,
+        scheduler: &dyn Scheduler,
+        noise: &mut dyn NoiseSource,
+        given: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let f = self.vae_scale_factor();
+        let shape = [batch, self.latent_channels(), height / f, width / f];
+        let latents = match given {
+            Some(t) => {
+                if t.dims() != shape {
+                    return Err(Error::InvalidInput(format!(
+                        "--latents: expected shape {shape:?} for this batch, found {:?}",
+                        t.dims()
+                    )));
+                }
+                t.to_dtype(DType::F32)?.to_device(&self.device)?
+            }
+            None => noise.randn(&shape, &self.device)?,
+        };
+        Ok((latents * scheduler.init_noise_sigma())?)
+    }
+
+    /// Stage 5: the denoising loop with classifier-free guidance (when `embeddings` has an
+    /// unconditional part). `latents` is (b, c, h, w) f32; returns the final latents in f32.
+    pub fn denoise(
+        &self,
+        latents: Tensor,
+        embeddings: &PromptEmbeddings,
+        guidance: f64,
+        scheduler: &mut dyn Scheduler,
+        noise: &mut dyn NoiseSource,
+        on_step: &mut dyn FnMut(usize, usize),
+    ) -> Result<Tensor> {
+        let b = latents.dim(0)?;
+        let context = embeddings.batched(b)?.to_dtype(self.dtype)?;
+        let cfg = embeddings.uncond.is_some();
+        let timesteps = scheduler.timesteps().to_vec();
+        let mut latents = latents;
+        for (i, &t) in timesteps.iter().enumerate() {
+            let model_input = if cfg {
+                Tensor::cat(&[&latents, &latents], 0)?
+            } else {
+                latents.clone()
+            };
+            let model_input = scheduler
+                .scale_model_input(&model_input, i)?
+                .to_dtype(self.dtype)?;
+            let pred = self
+                .unet
+                .forward(&model_input, t, &context)?
+                .to_dtype(DType::F32)?;
+            let pred = if cfg {
+                let uncond = pred.narrow(0, 0, b)?;
+                let text = pred.narrow(0, b, b)?;
+                (&uncond + ((text - &uncond)? * guidance)?)?
+            } else {
+                pred
+            };
+            latents = scheduler.step(&pred, i, &latents, noise)?;
+            on_step(i + 1, timesteps.len());
+        }
+        Ok(latents)
+    }
+
+    /// Stage 6: decodes final latents into images in [0, 1], (b, 3, H, W) f32.
+    ///
+    /// A decode in f16 that overflows to NaN/inf (a known SD VAE weakness) is redone in f32,
+    /// with a warning.
+    pub fn decode(&self, latents: &Tensor, on_event: &mut dyn FnMut(Event)) -> Result<Tensor> {
+        let images = self
+            .vae
+            .decode(&latents.to_dtype(self.dtype)?)?
+            .to_dtype(DType::F32)?;
+        let images = if self.dtype != DType::F32 && !all_finite(&images)? {
+            on_event(Event::Warning(format!(
+                "the VAE decode in {:?} produced NaN/inf values; decoding again in f32",
+                self.dtype
+            )));
+            let vae32 =
+                VaeDecoder::load(&self.vae_weights.with_dtype(DType::F32), self.vae.config())?;
+            vae32.decode(&latents.to_dtype(DType::F32)?)?
+        } else {
+            images
+        };
+        Ok(((images / 2.0)? + 0.5)?.clamp(0f32, 1f32)?)
+    }
+
+    /// Runs the whole pipeline for `req`, batch by batch.
+    pub fn generate(
+        &self,
+        req: &GenerateRequest,
+        on_event: &mut dyn FnMut(Event),
+    ) -> Result<Generation> {
+        self.check_inputs(req)?;
+        let mut timings = Timings::default();
+
+        let start = Instant::now();
+        let embeddings =
+            self.encode_prompt(&req.prompt, &req.negative_prompt, req.guidance, on_event)?;
+        timings.text_encode = start.elapsed();
+
+        let mut images = Vec::with_capacity(req.seeds.len());
+        for (chunk_index, seeds) in req.seeds.chunks(req.batch_size).enumerate() {
+            let first = chunk_index * req.batch_size;
+            let b = seeds.len();
+            let mut scheduler = self.scheduler(req.scheduler, req.steps, req.karras)?;
+            let mut noise = req.rng.noise_source(seeds.iter().copied());
+            let given = match &req.latents {
+                Some(all) => Some(all.narrow(0, first, b)?),
+                None => None,
+            };
+            let latents = self.prepare_latents(
+                b,
+                req.width,
+                req.height,
+                scheduler.as_ref(),
+                noise.as_mut(),
+                given.as_ref(),
+            )?;
+            let start = Instant::now();
+            let latents = self.denoise(
+                latents,
+                &embeddings,
+                req.guidance,
+                scheduler.as_mut(),
+                noise.as_mut(),
+                &mut |step, steps| {
+                    on_event(Event::Step {
+                        first_image: first,
+                        batch: b,
+                        step,
+                        steps,
+                    })
+                },
+            )?;
+            timings.denoise += start.elapsed();
+            timings.unet_steps += scheduler.timesteps().len();
+
+            on_event(Event::Decoding {
+                first_image: first,
+                batch: b,
+            });
+            let start = Instant::now();
+            let decoded = self.decode(&latents, on_event)?;
+            timings.decode += start.elapsed();
+            for (i, &seed) in seeds.iter().enumerate() {
+                images.push(GeneratedImage {
+                    seed,
+                    width: req.width,
+                    height: req.height,
+                    rgb: to_rgb8(&decoded.get(i)?)?,
+                    latents: latents.get(i)?,
+                });
+            }
+        }
+        Ok(Generation { images, timings })
+    }
+
+    /// Stage 0: rejects settings the model cannot run, before any work.
+    pub fn check_inputs(&self, req: &GenerateRequest) -> Result<()> {
+        let f = self.vae_scale_factor();
+        for (flag, v) in [("--width", req.width), ("--height", req.height)] {
+            if v == 0 || v % f != 0 {
+                return Err(Error::InvalidInput(format!(
+                    "{flag} {v}: must be a positive multiple of {f}"
+                )));
+            }
+        }
+        if req.prompt.trim().is_empty() {
+            return Err(Error::InvalidInput("the prompt is empty".into()));
+        }
+        if req.steps == 0 {
+            return Err(Error::InvalidInput("--steps must be at least 1".into()));
+        }
+        if req.seeds.is_empty() {
+            return Err(Error::InvalidInput(
+                "--num-images must be at least 1".into(),
+            ));
+        }
+        if req.batch_size == 0 {
+            return Err(Error::InvalidInput(
+                "--batch-size must be at least 1".into(),
+            ));
+        }
+        if !req.guidance.is_finite() {
+            return Err(Error::InvalidInput(
+                "--guidance must be a finite number".into(),
+            ));
+        }
+        if let Some(l) = &req.latents {
+            let want = [
+                req.seeds.len(),
+                self.latent_channels(),
+                req.height / f,
+                req.width / f,
+            ];
+            if l.dims() != want {
+                return Err(Error::InvalidInput(format!(
+                    "--latents has shape {:?}, expected {want:?} for {} image(s) of {}x{}",
+                    l.dims(),
+                    req.seeds.len(),
+                    req.width,
+                    req.height
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn all_finite(t: &Tensor) -> Result<bool> {
+    let v: Vec<f32> = t.flatten_all()?.to_vec1()?;
+    Ok(v.iter().all(|x| x.is_finite()))
+}
+
+/// (3, H, W) in [0, 1] -> HxWx3 bytes, rounding like diffusers' `numpy_to_pil`.
+pub fn to_rgb8(image: &Tensor) -> Result<Vec<u8>> {
+    let hwc = (image.permute((1, 2, 0))? * 255.0)?.round()?;
+    let v: Vec<f32> = hwc.flatten_all()?.to_vec1()?;
+    Ok(v.into_iter().map(|x| x as u8).collect())
+}
+
+/// Prompt embeddings: conditional, and unconditional when guidance is on.
+#[derive(Debug, Clone)]
+pub struct PromptEmbeddings {
+    /// (1, tokens, hidden), f32.
+    pub cond: Tensor,
+    /// (1, tokens, hidden), f32; `None` when guidance <= 1.
+    pub uncond: Option<Tensor>,
+}
+
+impl PromptEmbeddings {
+    /// The UNet's context for a batch of `b`: [uncond x b, cond x b] with guidance (diffusers'
+    /// order), else cond x b.
+    pub fn batched(&self, b: usize) -> Result<Tensor> {
+        let cond = self.cond.repeat((b, 1, 1))?;
+        Ok(match &self.uncond {
+            Some(u) => Tensor::cat(&[&u.repeat((b, 1, 1))?, &cond], 0)?,
+            None => cond,
+        })
+    }
+
+    /// Linear interpolation between two embeddings (for walks): (1 - t) * self + t * other.
+    pub fn lerp(&self, other: &Self, t: f64) -> Result<Self> {
+        let mix = |a: &Tensor, b: &Tensor| -> Result<Tensor> { Ok(((a * (1.0 - t))? + (b * t)?)?) };
+        Ok(Self {
+            cond: mix(&self.cond, &other.cond)?,
+            uncond: match (&self.uncond, &other.uncond) {
+                (Some(a), Some(b)) => Some(mix(a, b)?),
+                _ => None,
+            },
+        })
+    }
+}
+
+/// What to generate.
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub width: usize,
+    pub height: usize,
+    pub steps: usize,
+    pub guidance: f64,
+    pub scheduler: SchedulerKind,
+    pub karras: bool,
+    /// One seed per image; image i of a run uses seed + i.
+    pub seeds: Vec<u64>,
+    /// Images per UNet call.
+    pub batch_size: usize,
+    /// Generator of the noise.
+    pub rng: RngKind,
+    /// Starting latents (n, c, h/8, w/8) instead of seeded noise.
+    pub latents: Option<Tensor>,
+}
+
+/// One finished image.
+#[derive(Debug, Clone)]
+pub struct GeneratedImage {
+    pub seed: u64,
+    pub width: usize,
+    pub height: usize,
+    /// HxWx3 bytes.
+    pub rgb: Vec<u8>,
+    /// Final latents (c, h/8, w/8) before decoding, f32.
+    pub latents: Tensor,
+}
+
+/// Wall time of each stage.
+#[derive(Debug, Clone, Default)]
+pub struct Timings {
+    pub text_encode: Duration,
+    pub denoise: Duration,
+    pub unet_steps: usize,
+    pub decode: Duration,
+}
+
+impl Timings {
+    /// Seconds per scheduler step (UNet call with guidance batch).
+    pub fn seconds_per_step(&self) -> f64 {
+        if self.unet_steps == 0 {
+            0.0
+        } else {
+            self.denoise.as_secs_f64() / self.unet_steps as f64
+        }
+    }
+}
+
+/// The images of one `generate` call and how long it took.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    pub images: Vec<GeneratedImage>,
+    pub timings: Timings,
+}
+
+/// Reads starting latents from a `.safetensors` (a tensor named `latents`, or the only one) or
+/// `.npy` file, as f32 with a batch dimension.
+pub fn load_latents(path: &Path) -> Result<Tensor> {
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let t = match ext.as_str() {
+        "npy" => Tensor::read_npy(path).map_err(|e| Error::Weights {
+            path: path.to_path_buf(),
+            message: format!("cannot read .npy latents: {e}"),
+        })?,
+        "safetensors" => {
+            let map =
+                candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| Error::Weights {
+                    path: path.to_path_buf(),
+                    message: format!("cannot read safetensors latents: {e}"),
+                })?;
+            match map.get("latents") {
+                Some(t) => t.clone(),
+                None if map.len() == 1 => {
+                    map.into_values().next().ok_or_else(|| Error::Weights {
+                        path: path.to_path_buf(),
+                        message: "no tensor".into(),
+                    })?
+                }
+                None => {
+                    return Err(Error::Weights {
+                        path: path.to_path_buf(),
+                        message: format!("{} tensors and none named `latents`", map.len()),
+                    })
+                }
+            }
+        }
+        _ => {
+            return Err(Error::InvalidInput(format!(
+                "--latents {}: expected a .safetensors or .npy file",
+                path.display()
+            )))
+        }
+    };
+    let t = t.to_dtype(DType::F32)?;
+    match t.rank() {
+        3 => Ok(t.unsqueeze(0)?),
+        4 => Ok(t),
+        r => Err(Error::InvalidInput(format!(
+            "--latents {}: expected a 3- or 4-dimensional tensor, found rank {r}",
+            path.display()
+        ))),
+    }
+}

@@ -1,0 +1,101 @@
+//! Terminal progress for the binary: indicatif bars wired to the library's events.
+use std::time::Duration;
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use latent::pipeline::Event;
+
+/// Draws a spinner while loading and a bar over all denoising steps; prints warnings.
+pub struct Progress {
+    quiet: bool,
+    spinner: Option<ProgressBar>,
+    bar: Option<ProgressBar>,
+    total_steps: u64,
+}
+
+impl Progress {
+    /// `quiet` hides bars (warnings still go to stderr).
+    pub fn new(quiet: bool) -> Self {
+        Self {
+            quiet,
+            spinner: None,
+            bar: None,
+            total_steps: 0,
+        }
+    }
+
+    /// Sets the length of the step bar (steps per batch x batches).
+    pub fn set_total_steps(&mut self, total: u64) {
+        self.total_steps = total;
+    }
+
+    /// Handles one library event.
+    pub fn event(&mut self, event: Event) {
+        match event {
+            Event::Loading { component } => {
+                if self.quiet {
+                    return;
+                }
+                let spinner = self.spinner.get_or_insert_with(|| {
+                    let s = ProgressBar::new_spinner();
+                    s.set_draw_target(ProgressDrawTarget::stderr());
+                    s.enable_steady_tick(Duration::from_millis(100));
+                    s
+                });
+                spinner.set_message(format!("loading {component}"));
+            }
+            Event::Step {
+                step,
+                steps,
+                first_image,
+                batch,
+            } => {
+                if let Some(s) = self.spinner.take() {
+                    s.finish_and_clear();
+                }
+                if self.quiet {
+                    return;
+                }
+                let total = self.total_steps.max(steps as u64);
+                let bar = self.bar.get_or_insert_with(|| {
+                    let b =
+                        ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+                    b.set_style(
+                        ProgressStyle::with_template(
+                            "{msg} [{bar:30}] {pos}/{len} steps {elapsed_precise} ETA {eta}",
+                        )
+                        .unwrap_or_else(|_| ProgressStyle::default_bar())
+                        .progress_chars("=> "),
+                    );
+                    b
+                });
+                bar.set_message(if batch > 1 {
+                    format!("images {}-{}", first_image + 1, first_image + batch)
+                } else {
+                    format!("image {}", first_image + 1)
+                });
+                let _ = step;
+                bar.inc(1);
+            }
+            Event::Decoding { .. } => {}
+            Event::Warning(w) => self.println(&format!("warning: {w}")),
+        }
+    }
+
+    /// Prints a line without tearing the bars.
+    pub fn println(&self, line: &str) {
+        match &self.bar {
+            Some(b) if !b.is_finished() => b.suspend(|| eprintln!("{line}")),
+            _ => eprintln!("{line}"),
+        }
+    }
+
+    /// Removes the bars.
+    pub fn finish(&mut self) {
+        if let Some(s) = self.spinner.take() {
+            s.finish_and_clear();
+        }
+        if let Some(b) = self.bar.take() {
+            b.finish_and_clear();
+        }
+    }
+}

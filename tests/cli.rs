@@ -1,0 +1,300 @@
+//! The `latent` binary end to end on the tiny test models: files, metadata, `info`, `--json`,
+//! no-overwrite, and one clear error line with a non-zero exit for every bad input.
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+fn sd1() -> String {
+    fixtures().join("tiny-sd1").display().to_string()
+}
+
+fn latent(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_latent"))
+        .args(args)
+        .env_remove("LATENT_MODEL")
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .expect("run latent")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Runs a command that must fail; returns its one `error:` line (exit code 1 for failures,
+/// 2 for usage errors caught by the argument parser).
+fn fails(args: &[&str]) -> String {
+    let o = latent(args);
+    let err = stderr(&o);
+    assert!(
+        !o.status.success(),
+        "expected failure for {args:?}, stderr: {err}"
+    );
+    assert!(
+        matches!(o.status.code(), Some(1 | 2)),
+        "exit code for {args:?}: {:?}",
+        o.status.code()
+    );
+    assert!(
+        !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
+        "panic: {err}"
+    );
+    let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error: ")).collect();
+    assert_eq!(errors.len(), 1, "exactly one error line expected: {err}");
+    errors[0].to_string()
+}
+
+fn quick<'a>(model: &'a str, out: &'a str) -> Vec<&'a str> {
+    vec![
+        "generate",
+        "a photo of a cat",
+        "--model",
+        model,
+        "--steps",
+        "3",
+        "-o",
+        out,
+        "--quiet",
+    ]
+}
+
+#[test]
+fn generate_writes_png_with_parameters_and_info_reads_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("cat.png");
+    let model = sd1();
+    let out_s = out.display().to_string();
+    let mut args = quick(&model, &out_s);
+    args.extend([
+        "--seed",
+        "42",
+        "--negative-prompt",
+        "blurry, dark",
+        "--scheduler",
+        "dpm++2m",
+        "--karras",
+    ]);
+    let o = latent(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let img = image::open(&out).unwrap().to_rgb8();
+    assert_eq!((img.width(), img.height()), (64, 64));
+
+    let info = latent(&["info", &out_s]);
+    assert!(info.status.success());
+    let text = String::from_utf8(info.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0], "a photo of a cat");
+    assert_eq!(lines[1], "Negative prompt: blurry, dark");
+    assert!(
+        lines[2].starts_with("Steps: 3, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.5, Seed: 42, Size: 64x64, Model: tiny-sd1"),
+        "{}",
+        lines[2]
+    );
+    // No temp files left next to the output.
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names.len(), 1, "{names:?}");
+}
+
+#[test]
+fn json_reports_one_object_per_image_with_consecutive_seeds() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = sd1();
+    let out_s = dir.path().display().to_string();
+    let mut args = quick(&model, &out_s);
+    args.extend([
+        "--seed",
+        "7",
+        "-n",
+        "3",
+        "--batch-size",
+        "2",
+        "--json",
+        "--scheduler",
+        "euler-a",
+    ]);
+    let o = latent(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let stdout = String::from_utf8(o.stdout).unwrap();
+    let records: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(records.len(), 3);
+    for (i, r) in records.iter().enumerate() {
+        assert_eq!(r["seed"], 7 + i as u64);
+        assert_eq!(r["scheduler"], "euler-a");
+        assert_eq!(r["steps"], 3);
+        let path = PathBuf::from(r["path"].as_str().unwrap());
+        assert!(path.is_file());
+        assert!(path
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .ends_with(&format!("-{}.png", 7 + i)));
+        assert!(r["timings"]["seconds_per_step"].as_f64().unwrap() > 0.0);
+    }
+}
+
+#[test]
+fn existing_file_is_not_overwritten_without_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("keep.png");
+    std::fs::write(&out, b"precious").unwrap();
+    let model = sd1();
+    let out_s = out.display().to_string();
+    let err = fails(&quick(&model, &out_s));
+    assert!(
+        err.contains("keep.png") && err.contains("--overwrite"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&out).unwrap(), b"precious");
+
+    let mut args = quick(&model, &out_s);
+    args.push("--overwrite");
+    let o = latent(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(image::open(&out).is_ok());
+}
+
+#[test]
+fn bad_sizes_steps_prompts_and_names_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = sd1();
+    let out_s = dir.path().join("x.png").display().to_string();
+    let with = |extra: &[&str]| {
+        let mut a = quick(&model, &out_s);
+        a.extend_from_slice(extra);
+        fails(&a)
+    };
+    assert!(with(&["--width", "65"]).contains("--width 65"));
+    assert!(with(&["--height", "0"]).contains("--height"));
+    assert!(with(&["--steps", "0"]).contains("--steps"));
+    assert!(fails(&["generate", "  ", "--model", &model, "-o", &out_s]).contains("prompt is empty"));
+    assert!(fails(&["generate", "x", "--model", &model, "--scheduler", "heun"]).contains("heun"));
+    assert!(with(&["--scheduler", "ddim", "--karras"]).contains("karras"));
+    assert!(fails(&["generate", "x", "--model", &model, "--device", "tpu"]).contains("tpu"));
+    assert!(
+        fails(&["generate", "x", "--model", "/nonexistent/model"]).contains("/nonexistent/model")
+    );
+    assert!(fails(&["generate", "x", "--model", &model, "-o", "out.jpg"]).contains("png"));
+    assert!(!Path::new(&out_s).exists());
+}
+
+/// Copies the tiny SD1 model so a test can damage it.
+fn copy_model(dst: &Path) {
+    fn copy(src: &Path, dst: &Path) {
+        std::fs::create_dir_all(dst).unwrap();
+        for e in std::fs::read_dir(src).unwrap() {
+            let e = e.unwrap();
+            let to = dst.join(e.file_name());
+            if e.file_type().unwrap().is_dir() {
+                copy(&e.path(), &to);
+            } else {
+                std::fs::copy(e.path(), to).unwrap();
+            }
+        }
+    }
+    copy(&fixtures().join("tiny-sd1"), dst);
+}
+
+#[test]
+fn damaged_models_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_s = dir.path().join("x.png").display().to_string();
+
+    // A truncated weights file names the file.
+    let m = dir.path().join("truncated");
+    copy_model(&m);
+    let unet = m.join("unet/diffusion_pytorch_model.safetensors");
+    let len = std::fs::metadata(&unet).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&unet)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let ms = m.display().to_string();
+    let err = fails(&quick(&ms, &out_s));
+    assert!(
+        err.contains("unet/diffusion_pytorch_model.safetensors") && err.contains("truncated"),
+        "{err}"
+    );
+
+    // A config that disagrees with the weights names the tensor and both shapes.
+    let m = dir.path().join("shape");
+    copy_model(&m);
+    let cfg_path = m.join("unet/config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["block_out_channels"][0] = 48.into();
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let ms = m.display().to_string();
+    let err = fails(&quick(&ms, &out_s));
+    assert!(
+        err.contains("conv_in.weight") && err.contains("48"),
+        "{err}"
+    );
+
+    // An unknown config field is named with its file.
+    let m = dir.path().join("unknown");
+    copy_model(&m);
+    let cfg_path = m.join("unet/config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["addition_embed_type"] = "text_time".into();
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let ms = m.display().to_string();
+    let err = fails(&quick(&ms, &out_s));
+    assert!(
+        err.contains("unet/config.json") && err.contains("addition_embed_type"),
+        "{err}"
+    );
+
+    // A missing weights file, and a pickle in its place.
+    let m = dir.path().join("pickle");
+    copy_model(&m);
+    std::fs::rename(
+        m.join("vae/diffusion_pytorch_model.safetensors"),
+        m.join("vae/diffusion_pytorch_model.bin"),
+    )
+    .unwrap();
+    let ms = m.display().to_string();
+    let err = fails(&quick(&ms, &out_s));
+    assert!(err.contains("pickle") && err.contains("vae"), "{err}");
+    std::fs::remove_file(m.join("vae/diffusion_pytorch_model.bin")).unwrap();
+    let err = fails(&quick(&ms, &out_s));
+    assert!(
+        err.contains("vae/diffusion_pytorch_model.safetensors") && err.contains("not found"),
+        "{err}"
+    );
+    assert!(!Path::new(&out_s).exists());
+}
+
+#[test]
+fn long_prompt_warns_which_words_were_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = sd1();
+    let out_s = dir.path().join("long.png").display().to_string();
+    let prompt = format!("{} zebra giraffe", "cat ".repeat(80));
+    let o = latent(&[
+        "generate", &prompt, "--model", &model, "--steps", "2", "-o", &out_s,
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("warning:") && err.contains("zebra giraffe"),
+        "{err}"
+    );
+}
+
+#[test]
+fn missing_png_for_info_is_an_error() {
+    let err = fails(&["info", "/nonexistent/file.png"]);
+    assert!(err.contains("/nonexistent/file.png"), "{err}");
+}
