@@ -19,7 +19,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Generate images from a text prompt.
-    Generate(GenerateArgs),
+    Generate(Box<GenerateArgs>),
     /// Print the generation parameters stored in a PNG made by latent (or AUTOMATIC1111).
     Info {
         /// PNG file(s) to read.

@@ -8,7 +8,7 @@ use clap::Parser;
 fn main() -> std::process::ExitCode {
     let cli = cli::Cli::parse();
     let result = match cli.command {
-        cli::Command::Generate(args) => commands::generate(args),
+        cli::Command::Generate(args) => commands::generate(*args),
         cli::Command::Info { files } => commands::info(&files),
     };
     match result {
