@@ -335,71 +335,107 @@ impl StableDiffusion {
         let mut timings = Timings::default();
 
         let start = Instant::now();
-        let embeddings =
-            self.encode_prompt(&req.prompt, &req.negative_prompt, req.guidance, on_event)?;
+        let embeddings = self.encode_prompt(
+            &req.prompt,
+            &req.negative_prompt,
+            req.sampling.guidance,
+            on_event,
+        )?;
         timings.text_encode = start.elapsed();
 
         let mut images = Vec::with_capacity(req.seeds.len());
         for (chunk_index, seeds) in req.seeds.chunks(req.batch_size).enumerate() {
             let first = chunk_index * req.batch_size;
-            let b = seeds.len();
-            let mut scheduler = self.scheduler(req.scheduler, req.steps, req.karras)?;
-            let mut noise = req.rng.noise_source(seeds.iter().copied());
             let given = match &req.latents {
-                Some(all) => Some(all.narrow(0, first, b)?),
+                Some(all) => Some(all.narrow(0, first, seeds.len())?),
                 None => None,
             };
-            let latents = self.prepare_latents(
-                b,
-                req.width,
-                req.height,
-                scheduler.as_ref(),
-                noise.as_mut(),
-                given.as_ref(),
-            )?;
-            let start = Instant::now();
-            let latents = self.denoise(
-                latents,
+            images.extend(self.render_batch(
                 &embeddings,
-                req.guidance,
-                scheduler.as_mut(),
-                noise.as_mut(),
-                &mut |step, steps| {
-                    on_event(Event::Step {
-                        first_image: first,
-                        batch: b,
-                        step,
-                        steps,
-                    })
-                },
-            )?;
-            timings.denoise += start.elapsed();
-            timings.unet_steps += scheduler.timesteps().len();
-
-            on_event(Event::Decoding {
-                first_image: first,
-                batch: b,
-            });
-            let start = Instant::now();
-            let decoded = self.decode(&latents, on_event)?;
-            timings.decode += start.elapsed();
-            for (i, &seed) in seeds.iter().enumerate() {
-                images.push(GeneratedImage {
-                    seed,
-                    width: req.width,
-                    height: req.height,
-                    rgb: to_rgb8(&decoded.get(i)?)?,
-                    latents: latents.get(i)?,
-                });
-            }
+                seeds,
+                given.as_ref(),
+                &req.sampling,
+                first,
+                &mut timings,
+                on_event,
+            )?);
         }
         Ok(Generation { images, timings })
+    }
+
+    /// Stages 3 to 6 for one batch of images: a fresh scheduler, starting latents from `seeds`
+    /// (one generator per image) or `given`, the denoising loop, the decode.
+    ///
+    /// `embeddings` has batch 1 (shared by every image) or one row per image (walks).
+    /// `first_image` only labels progress events. Stage timings are added to `timings`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn render_batch(
+        &self,
+        embeddings: &PromptEmbeddings,
+        seeds: &[u64],
+        given: Option<&Tensor>,
+        s: &Sampling,
+        first_image: usize,
+        timings: &mut Timings,
+        on_event: &mut dyn FnMut(Event),
+    ) -> Result<Vec<GeneratedImage>> {
+        let b = seeds.len();
+        let mut scheduler = self.scheduler(s.scheduler, s.steps, s.karras)?;
+        let mut noise = s.rng.noise_source(seeds.iter().copied());
+        let latents = self.prepare_latents(
+            b,
+            s.width,
+            s.height,
+            scheduler.as_ref(),
+            noise.as_mut(),
+            given,
+        )?;
+        let start = Instant::now();
+        let latents = self.denoise(
+            latents,
+            embeddings,
+            s.guidance,
+            scheduler.as_mut(),
+            noise.as_mut(),
+            &mut |step, steps| {
+                on_event(Event::Step {
+                    first_image,
+                    batch: b,
+                    step,
+                    steps,
+                })
+            },
+        )?;
+        timings.denoise += start.elapsed();
+        timings.unet_steps += scheduler.timesteps().len();
+
+        on_event(Event::Decoding {
+            first_image,
+            batch: b,
+        });
+        let start = Instant::now();
+        let decoded = self.decode(&latents, on_event)?;
+        timings.decode += start.elapsed();
+        seeds
+            .iter()
+            .enumerate()
+            .map(|(i, &seed)| {
+                Ok(GeneratedImage {
+                    seed,
+                    width: s.width,
+                    height: s.height,
+                    rgb: to_rgb8(&decoded.get(i)?)?,
+                    latents: latents.get(i)?,
+                })
+            })
+            .collect()
     }
 
     /// Stage 0: rejects settings the model cannot run, before any work.
     pub fn check_inputs(&self, req: &GenerateRequest) -> Result<()> {
         let f = self.vae_scale_factor();
-        for (flag, v) in [("--width", req.width), ("--height", req.height)] {
+        let s = &req.sampling;
+        for (flag, v) in [("--width", s.width), ("--height", s.height)] {
             if v == 0 || v % f != 0 {
                 return Err(Error::InvalidInput(format!(
                     "{flag} {v}: must be a positive multiple of {f}"
@@ -409,7 +445,7 @@ impl StableDiffusion {
         if req.prompt.trim().is_empty() {
             return Err(Error::InvalidInput("the prompt is empty".into()));
         }
-        if req.steps == 0 {
+        if s.steps == 0 {
             return Err(Error::InvalidInput("--steps must be at least 1".into()));
         }
         if req.seeds.is_empty() {
@@ -422,7 +458,7 @@ impl StableDiffusion {
                 "--batch-size must be at least 1".into(),
             ));
         }
-        if !req.guidance.is_finite() {
+        if !s.guidance.is_finite() {
             return Err(Error::InvalidInput(
                 "--guidance must be a finite number".into(),
             ));
@@ -431,16 +467,16 @@ impl StableDiffusion {
             let want = [
                 req.seeds.len(),
                 self.latent_channels(),
-                req.height / f,
-                req.width / f,
+                s.height / f,
+                s.width / f,
             ];
             if l.dims() != want {
                 return Err(Error::InvalidInput(format!(
                     "--latents has shape {:?}, expected {want:?} for {} image(s) of {}x{}",
                     l.dims(),
                     req.seeds.len(),
-                    req.width,
-                    req.height
+                    s.width,
+                    s.height
                 )));
             }
         }
@@ -471,26 +507,51 @@ pub struct PromptEmbeddings {
 
 impl PromptEmbeddings {
     /// The UNet's context for a batch of `b`: [uncond x b, cond x b] with guidance (diffusers'
-    /// order), else cond x b.
+    /// order), else cond x b. Embeddings of batch 1 are repeated; others must have `b` rows.
     pub fn batched(&self, b: usize) -> Result<Tensor> {
-        let cond = self.cond.repeat((b, 1, 1))?;
+        let rows = |t: &Tensor| -> Result<Tensor> {
+            match t.dim(0)? {
+                1 => Ok(t.repeat((b, 1, 1))?),
+                n if n == b => Ok(t.clone()),
+                n => Err(Error::InvalidInput(format!(
+                    "prompt embeddings have {n} rows for a batch of {b}"
+                ))),
+            }
+        };
+        let cond = rows(&self.cond)?;
         Ok(match &self.uncond {
-            Some(u) => Tensor::cat(&[&u.repeat((b, 1, 1))?, &cond], 0)?,
+            Some(u) => Tensor::cat(&[&rows(u)?, &cond], 0)?,
             None => cond,
         })
     }
 
-    /// Linear interpolation between two embeddings (for walks): (1 - t) * self + t * other.
-    pub fn lerp(&self, other: &Self, t: f64) -> Result<Self> {
-        let mix = |a: &Tensor, b: &Tensor| -> Result<Tensor> { Ok(((a * (1.0 - t))? + (b * t)?)?) };
+    /// Stacks per-image embeddings (each of batch 1) into one of batch n.
+    pub fn stack(items: &[PromptEmbeddings]) -> Result<Self> {
+        let conds: Vec<&Tensor> = items.iter().map(|e| &e.cond).collect();
+        let uncond = if items.iter().all(|e| e.uncond.is_some()) && !items.is_empty() {
+            let u: Vec<&Tensor> = items.iter().filter_map(|e| e.uncond.as_ref()).collect();
+            Some(Tensor::cat(&u, 0)?)
+        } else {
+            None
+        };
         Ok(Self {
-            cond: mix(&self.cond, &other.cond)?,
-            uncond: match (&self.uncond, &other.uncond) {
-                (Some(a), Some(b)) => Some(mix(a, b)?),
-                _ => None,
-            },
+            cond: Tensor::cat(&conds, 0)?,
+            uncond,
         })
     }
+}
+
+/// How to sample: everything but the prompt and the seeds.
+#[derive(Debug, Clone)]
+pub struct Sampling {
+    pub width: usize,
+    pub height: usize,
+    pub steps: usize,
+    pub guidance: f64,
+    pub scheduler: SchedulerKind,
+    pub karras: bool,
+    /// Generator of the noise.
+    pub rng: RngKind,
 }
 
 /// What to generate.
@@ -498,18 +559,11 @@ impl PromptEmbeddings {
 pub struct GenerateRequest {
     pub prompt: String,
     pub negative_prompt: String,
-    pub width: usize,
-    pub height: usize,
-    pub steps: usize,
-    pub guidance: f64,
-    pub scheduler: SchedulerKind,
-    pub karras: bool,
+    pub sampling: Sampling,
     /// One seed per image; image i of a run uses seed + i.
     pub seeds: Vec<u64>,
     /// Images per UNet call.
     pub batch_size: usize,
-    /// Generator of the noise.
-    pub rng: RngKind,
     /// Starting latents (n, c, h/8, w/8) instead of seeded noise.
     pub latents: Option<Tensor>,
 }

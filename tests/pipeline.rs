@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use latent::model::ModelSource;
 use latent::noise::RngKind;
-use latent::pipeline::{load_latents, GenerateRequest, StableDiffusion};
+use latent::pipeline::{load_latents, GenerateRequest, Sampling, StableDiffusion};
 use serde_json::Value;
 
 fn fixtures() -> PathBuf {
@@ -53,22 +53,23 @@ fn run_case(case: &Value, models: &mut HashMap<String, StableDiffusion>) {
     let req = GenerateRequest {
         prompt: case["prompt"].as_str().unwrap().into(),
         negative_prompt: case["negative_prompt"].as_str().unwrap().into(),
-        width: case["width"].as_u64().unwrap() as usize,
-        height: case["height"].as_u64().unwrap() as usize,
-        steps: case["steps"].as_u64().unwrap() as usize,
-        guidance: case["guidance"].as_f64().unwrap(),
-        scheduler: case["scheduler"].as_str().unwrap().parse().unwrap(),
-        karras: case["karras"].as_bool().unwrap(),
+        sampling: Sampling {
+            width: case["width"].as_u64().unwrap() as usize,
+            height: case["height"].as_u64().unwrap() as usize,
+            steps: case["steps"].as_u64().unwrap() as usize,
+            guidance: case["guidance"].as_f64().unwrap(),
+            scheduler: case["scheduler"].as_str().unwrap().parse().unwrap(),
+            karras: case["karras"].as_bool().unwrap(),
+            rng: RngKind::Torch,
+        },
         seeds: (0..n).map(|i| seed + i).collect(),
         batch_size: n as usize,
-        rng: RngKind::Torch,
         latents,
     };
+    let s = &req.sampling;
     // The scheduler's timesteps equal diffusers' as the UNet sees them (it embeds them in f32;
     // diffusers keeps Euler's Karras timesteps in f64, tests/schedulers.rs covers them).
-    let sched = model
-        .scheduler(req.scheduler, req.steps, req.karras)
-        .unwrap();
+    let sched = model.scheduler(s.scheduler, s.steps, s.karras).unwrap();
     let want_t: Vec<f64> = case["timesteps"]
         .as_array()
         .unwrap()
@@ -160,15 +161,17 @@ fn image_in_a_batch_equals_image_alone() {
     let mut req = GenerateRequest {
         prompt: "a photo of a cat".into(),
         negative_prompt: String::new(),
-        width: 64,
-        height: 64,
-        steps: 4,
-        guidance: 7.5,
-        scheduler: "euler-a".parse().unwrap(),
-        karras: false,
+        sampling: Sampling {
+            width: 64,
+            height: 64,
+            steps: 4,
+            guidance: 7.5,
+            scheduler: "euler-a".parse().unwrap(),
+            karras: false,
+            rng: RngKind::Torch,
+        },
         seeds: vec![5, 6, 7],
         batch_size: 3,
-        rng: RngKind::Torch,
         latents: None,
     };
     let batched = model.generate(&req, &mut |_| {}).unwrap();

@@ -1,0 +1,124 @@
+//! `latent generate`: one prompt, one or more images.
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use latent::output;
+use latent::pipeline::{load_latents, GenerateRequest};
+
+use super::{load_model, params_for, random_seed, sampling_for};
+use crate::cli::GenerateArgs;
+use crate::progress::Progress;
+
+/// `latent generate`.
+pub fn generate(args: GenerateArgs) -> Result<()> {
+    let started = Instant::now();
+    let mut progress = Progress::new(args.quiet);
+    if args.num_images == 0 {
+        bail!("--num-images must be at least 1");
+    }
+    if args.batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
+    let seed = args.seed.unwrap_or_else(random_seed);
+    let seeds: Vec<u64> = (0..args.num_images as u64)
+        .map(|i| {
+            seed.checked_add(i)
+                .context("--seed: seed + image index overflows")
+        })
+        .collect::<Result<_>>()?;
+    // Plan the files first: a name clash fails now, not after minutes of work.
+    let paths = output::plan_output_paths(
+        args.output.as_deref(),
+        Path::new("outputs"),
+        &seeds,
+        args.overwrite,
+    )?;
+    let latents = match &args.latents {
+        Some(p) => Some(load_latents(p)?),
+        None => None,
+    };
+    if args.prompt.trim().is_empty() {
+        bail!("the prompt is empty: give a text to draw, e.g. latent generate \"a red circle\"");
+    }
+
+    let model = load_model(&args.model, &mut progress)?;
+    let load_time = started.elapsed();
+    let sampling = sampling_for(&model, &args.sampling)?;
+    let req = GenerateRequest {
+        prompt: args.prompt.clone(),
+        negative_prompt: args.sampling.negative_prompt.clone(),
+        sampling,
+        seeds: seeds.clone(),
+        batch_size: args.batch_size,
+        latents,
+    };
+    model.check_inputs(&req)?;
+    let s = &req.sampling;
+    // The scheduler's own step count (PNDM runs one extra) sizes the progress bar; building it
+    // also rejects --karras for schedulers without it before any work.
+    let per_batch = model
+        .scheduler(s.scheduler, s.steps, s.karras)?
+        .timesteps()
+        .len();
+    let batches = seeds.len().div_ceil(req.batch_size);
+    progress.set_total_steps((per_batch * batches) as u64);
+
+    let generation = model.generate(&req, &mut |e| progress.event(e))?;
+    progress.finish();
+
+    let t = &generation.timings;
+    for (image, path) in generation.images.iter().zip(&paths) {
+        let params = params_for(&model, &req.prompt, &req.negative_prompt, s, image.seed);
+        output::write_png(
+            path,
+            &image.rgb,
+            image.width as u32,
+            image.height as u32,
+            &params.to_a1111(),
+            args.overwrite,
+        )?;
+        if args.json {
+            let record = serde_json::json!({
+                "path": path,
+                "seed": image.seed,
+                "prompt": req.prompt,
+                "negative_prompt": req.negative_prompt,
+                "width": s.width,
+                "height": s.height,
+                "steps": s.steps,
+                "guidance": s.guidance,
+                "scheduler": s.scheduler.to_string(),
+                "karras": s.karras,
+                "rng": s.rng.to_string(),
+                "batch_size": req.batch_size,
+                "model": model.name(),
+                "device": format!("{:?}", model.device().location()),
+                "dtype": format!("{:?}", model.dtype()).to_lowercase(),
+                "parameters": params.to_a1111(),
+                "timings": {
+                    "load_s": load_time.as_secs_f64(),
+                    "text_encode_s": t.text_encode.as_secs_f64(),
+                    "denoise_s": t.denoise.as_secs_f64(),
+                    "seconds_per_step": t.seconds_per_step(),
+                    "decode_s": t.decode.as_secs_f64(),
+                },
+            });
+            println!("{record}");
+        } else if !args.quiet {
+            eprintln!("wrote {} (seed {})", path.display(), image.seed);
+        }
+    }
+    if !args.quiet {
+        eprintln!(
+            "load {:.2}s, text encode {:.2}s, {} steps at {:.3}s/step, decode {:.2}s, total {:.2}s",
+            load_time.as_secs_f64(),
+            t.text_encode.as_secs_f64(),
+            t.unet_steps,
+            t.seconds_per_step(),
+            t.decode.as_secs_f64(),
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}

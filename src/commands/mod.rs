@@ -1,0 +1,109 @@
+//! What each subcommand does: load the model, call the library's stages, write files, report.
+//! Helpers shared by the subcommands live here; each subcommand has its own file.
+mod generate;
+mod info;
+
+use std::path::Path;
+
+use anyhow::{bail, Result};
+use latent::model::ModelSource;
+use latent::output::GenerationParams;
+use latent::pipeline::{Sampling, StableDiffusion};
+
+pub use generate::generate;
+pub use info::info;
+
+use crate::cli::{ModelArgs, SamplingArgs};
+use crate::progress::Progress;
+
+/// Environment variable naming the default model.
+const MODEL_ENV: &str = "LATENT_MODEL";
+
+/// The model to use: `--model`, else `$LATENT_MODEL`, else the bundled model folder.
+fn model_source(args: &ModelArgs) -> Result<ModelSource> {
+    let spec = match (
+        &args.model,
+        std::env::var(MODEL_ENV).ok().filter(|s| !s.is_empty()),
+    ) {
+        (Some(m), _) => m.clone(),
+        (None, Some(env)) => env,
+        (None, None) => {
+            let bundled = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("weights")
+                .join("demo");
+            if !bundled.join("model_index.json").is_file() {
+                bail!(
+                    "no model given: pass --model <folder or hub id> (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5) or set {MODEL_ENV}"
+                );
+            }
+            bundled.display().to_string()
+        }
+    };
+    Ok(ModelSource::parse(&spec, args.revision.as_deref())?)
+}
+
+/// Loads the model named by `args`, reporting progress.
+pub fn load_model(args: &ModelArgs, progress: &mut Progress) -> Result<StableDiffusion> {
+    let source = model_source(args)?;
+    let device = args.device.open()?;
+    let dtype = args.dtype.resolve(&device);
+    let files = source.open()?;
+    let model = StableDiffusion::load(&files, &device, dtype, &mut |e| progress.event(e))?;
+    Ok(model)
+}
+
+/// A random seed in A1111's range (32 bits), from the clock and the process id.
+fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.write_u32(std::process::id());
+    h.finish() & 0xFFFF_FFFF
+}
+
+/// The image metadata for one image: prompt, negative prompt, sampling settings, seed.
+pub fn params_for(
+    model: &StableDiffusion,
+    prompt: &str,
+    negative_prompt: &str,
+    s: &Sampling,
+    seed: u64,
+) -> GenerationParams {
+    GenerationParams {
+        prompt: prompt.to_string(),
+        negative_prompt: negative_prompt.to_string(),
+        steps: s.steps,
+        sampler: s.scheduler.a1111_name().to_string(),
+        schedule_type: s.karras.then(|| "Karras".to_string()),
+        cfg_scale: s.guidance,
+        seed,
+        width: s.width,
+        height: s.height,
+        model: model.name().to_string(),
+        extra: vec![("RNG".into(), s.rng.to_string())],
+    }
+}
+
+/// The library's sampling settings from the flags, with the model's defaults for size and
+/// scheduler.
+pub fn sampling_for(model: &StableDiffusion, s: &SamplingArgs) -> Result<Sampling> {
+    let size = model.default_size();
+    let scheduler = match s.scheduler {
+        Some(k) => k,
+        None => model.default_scheduler()?,
+    };
+    Ok(Sampling {
+        width: s.width.unwrap_or(size),
+        height: s.height.unwrap_or(size),
+        steps: s.steps,
+        guidance: s.guidance,
+        scheduler,
+        karras: s.karras,
+        rng: s.rng,
+    })
+}
