@@ -46,7 +46,7 @@ fn model_source(args: &ModelArgs) -> Result<ModelSource> {
 pub fn load_model(args: &ModelArgs, progress: &mut Progress) -> Result<StableDiffusion> {
     let source = model_source(args)?;
     let device = args.device.open()?;
-    let dtype = args.dtype.resolve(&device);
+    let dtype = args.dtype.resolve(&device)?;
     let files = source.open()?;
     let model = StableDiffusion::load(&files, &device, dtype, &mut |e| progress.event(e))?;
     Ok(model)

@@ -1,0 +1,253 @@
+//! Model discovery and configs: hub cache layout offline, fp16 variant choice, pickle refusal,
+//! and the real SD 1.5 / SD 2.1 hub config files (written out here as the hub has them).
+use std::path::Path;
+
+use latent::model::{ConfigFile, ModelSource, UNetConfig, VaeConfig};
+
+fn fixtures() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+fn copy_dir(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        let to = dst.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &to);
+        } else {
+            std::fs::copy(e.path(), to).unwrap();
+        }
+    }
+}
+
+#[test]
+fn hub_ids_resolve_from_the_standard_cache_offline() {
+    let cache = tempfile::tempdir().unwrap();
+    let repo = cache.path().join("models--test-org--tiny-sd1");
+    copy_dir(
+        &fixtures().join("tiny-sd1"),
+        &repo.join("snapshots/0123abcd"),
+    );
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), "0123abcd").unwrap();
+    let out = cache.path().join("cat.png");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_latent"))
+        .args([
+            "generate",
+            "a photo of a cat",
+            "--model",
+            "test-org/tiny-sd1",
+            "--steps",
+            "2",
+            "--quiet",
+            "-o",
+        ])
+        .arg(&out)
+        .env("HF_HUB_CACHE", cache.path())
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = latent::output::read_png_parameters(&out).unwrap().unwrap();
+    assert!(text.contains("Model: test-org/tiny-sd1"), "{text}");
+
+    // A revision the cache does not hold is a clear error naming the repo and file.
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_latent"))
+        .args([
+            "generate",
+            "a cat",
+            "--model",
+            "test-org/tiny-sd1",
+            "--revision",
+            "v2",
+            "--quiet",
+        ])
+        .env("HF_HUB_CACHE", cache.path())
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("test-org/tiny-sd1/model_index.json") && err.contains("HF_HUB_OFFLINE"),
+        "{err}"
+    );
+}
+
+#[test]
+fn fp16_variant_is_preferred_only_in_f16_and_pickles_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("m");
+    std::fs::create_dir_all(m.join("unet")).unwrap();
+    std::fs::write(m.join("unet/diffusion_pytorch_model.safetensors"), b"x").unwrap();
+    std::fs::write(
+        m.join("unet/diffusion_pytorch_model.fp16.safetensors"),
+        b"x",
+    )
+    .unwrap();
+    std::fs::create_dir_all(m.join("vae")).unwrap();
+    std::fs::write(m.join("vae/diffusion_pytorch_model.bin"), b"x").unwrap();
+    let files = ModelSource::parse(&m.display().to_string(), None)
+        .unwrap()
+        .open()
+        .unwrap();
+    let f16 = files
+        .weights("unet", "diffusion_pytorch_model", true)
+        .unwrap();
+    assert!(f16.ends_with("unet/diffusion_pytorch_model.fp16.safetensors"));
+    let f32 = files
+        .weights("unet", "diffusion_pytorch_model", false)
+        .unwrap();
+    assert!(f32.ends_with("unet/diffusion_pytorch_model.safetensors"));
+    let err = files
+        .weights("vae", "diffusion_pytorch_model", false)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("pickle") && err.contains("vae/diffusion_pytorch_model.bin"),
+        "{err}"
+    );
+    let err = files
+        .weights("text_encoder", "model", false)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("text_encoder/model.safetensors") && err.contains("not found"),
+        "{err}"
+    );
+}
+
+#[test]
+fn model_spec_errors_are_clear() {
+    let err = ModelSource::parse("not a repo id at all", None)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("not a repo id at all"), "{err}");
+    let dir = fixtures().join("tiny-sd1");
+    let err = ModelSource::parse(&dir.display().to_string(), Some("main"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("--revision"), "{err}");
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+/// stable-diffusion-v1-5's unet/config.json as published (diffusers 0.6.0 era: few keys).
+const SD15_UNET: &str = r#"{
+  "_class_name": "UNet2DConditionModel", "_diffusers_version": "0.6.0", "act_fn": "silu",
+  "attention_head_dim": 8, "block_out_channels": [320, 640, 1280, 1280],
+  "center_input_sample": false, "cross_attention_dim": 768,
+  "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+  "downsample_padding": 1, "flip_sin_to_cos": true, "freq_shift": 0, "in_channels": 4,
+  "layers_per_block": 2, "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32,
+  "out_channels": 4, "sample_size": 64,
+  "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
+}"#;
+
+/// stable-diffusion-2-1's unet/config.json as published.
+const SD21_UNET: &str = r#"{
+  "_class_name": "UNet2DConditionModel", "_diffusers_version": "0.10.0.dev0", "act_fn": "silu",
+  "attention_head_dim": [5, 10, 20, 20], "block_out_channels": [320, 640, 1280, 1280],
+  "center_input_sample": false, "cross_attention_dim": 1024,
+  "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+  "downsample_padding": 1, "dual_cross_attention": false, "flip_sin_to_cos": true, "freq_shift": 0,
+  "in_channels": 4, "layers_per_block": 2, "mid_block_scale_factor": 1, "norm_eps": 1e-05,
+  "norm_num_groups": 32, "num_class_embeds": null, "only_cross_attention": false, "out_channels": 4,
+  "sample_size": 96, "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+  "use_linear_projection": true, "upcast_attention": true
+}"#;
+
+/// stable-diffusion-v1-5's vae/config.json as published (no scaling_factor key).
+const SD15_VAE: &str = r#"{
+  "_class_name": "AutoencoderKL", "_diffusers_version": "0.6.0", "act_fn": "silu",
+  "block_out_channels": [128, 256, 512, 512],
+  "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"],
+  "in_channels": 3, "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32,
+  "out_channels": 3, "sample_size": 512,
+  "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"]
+}"#;
+
+#[test]
+fn real_hub_configs_parse_to_the_real_architectures() {
+    let dir = tempfile::tempdir().unwrap();
+    let sd15 = UNetConfig::from_file(&write(dir.path(), "sd15.json", SD15_UNET)).unwrap();
+    assert_eq!(sd15.sample_size, 64);
+    assert_eq!(sd15.cross_attention_dim, 768);
+    assert_eq!(
+        sd15.blocks.iter().map(|b| b.heads).collect::<Vec<_>>(),
+        [8, 8, 8, 8]
+    );
+    assert_eq!(
+        sd15.blocks
+            .iter()
+            .map(|b| b.cross_attention)
+            .collect::<Vec<_>>(),
+        [true, true, true, false]
+    );
+    assert!(!sd15.use_linear_projection);
+
+    let sd21 = UNetConfig::from_file(&write(dir.path(), "sd21.json", SD21_UNET)).unwrap();
+    assert_eq!(sd21.sample_size, 96);
+    assert_eq!(
+        sd21.blocks.iter().map(|b| b.heads).collect::<Vec<_>>(),
+        [5, 10, 20, 20]
+    );
+    assert!(sd21.use_linear_projection && sd21.upcast_attention);
+
+    let vae = VaeConfig::from_file(&write(dir.path(), "vae.json", SD15_VAE)).unwrap();
+    assert_eq!(vae.scale_factor(), 8);
+    assert_eq!(vae.scaling_factor, 0.18215);
+}
+
+#[test]
+fn unsupported_or_broken_configs_name_file_and_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let sdxl = SD15_UNET.replace(
+        "\"act_fn\"",
+        "\"addition_embed_type\": \"text_time\", \"act_fn\"",
+    );
+    let err = UNetConfig::from_file(&write(dir.path(), "xl.json", &sdxl))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("xl.json") && err.contains("addition_embed_type"),
+        "{err}"
+    );
+
+    let unknown = SD15_UNET.replace("\"act_fn\"", "\"brand_new_knob\": 3, \"act_fn\"");
+    let err = UNetConfig::from_file(&write(dir.path(), "new.json", &unknown))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("new.json") && err.contains("brand_new_knob") && err.contains("unknown"),
+        "{err}"
+    );
+
+    let missing = SD15_UNET.replace("\"sample_size\": 64,", "");
+    let err = UNetConfig::from_file(&write(dir.path(), "ms.json", &missing))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("ms.json") && err.contains("sample_size") && err.contains("missing"),
+        "{err}"
+    );
+
+    let bad = SD15_UNET.replace("\"norm_num_groups\": 32", "\"norm_num_groups\": 30");
+    let err = UNetConfig::from_file(&write(dir.path(), "g.json", &bad))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("norm_num_groups"), "{err}");
+
+    let err = ConfigFile::open(&write(dir.path(), "broken.json", "{ not json"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("broken.json") && err.contains("invalid JSON"),
+        "{err}"
+    );
+}
