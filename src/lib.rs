@@ -1,4 +1,5 @@
 //! `latent`: text-to-image generation with latent diffusion models (Stable Diffusion 1.x/2.x) on candle.
+pub mod batch;
 pub mod device;
 pub mod error;
 pub mod model;
