@@ -1328,8 +1328,9 @@ pub struct Record {
     pub model: String,
     pub device: String,
     pub dtype: String,
-    /// Images in the UNet batch that made this one.
-    pub batch_size: usize,
+    /// Images in the UNet batch that made this one; `None` for a recovered image (see
+    /// [`Existing::Same`]).
+    pub batch_size: Option<usize>,
     /// The `parameters` text stored in the PNG.
     pub parameters: String,
     /// `None` for an image found on disk from an earlier run whose record was lost.
@@ -1353,7 +1354,7 @@ impl Record {
         job: &Job,
         file: &Path,
         run: &RunInfo,
-        batch_size: usize,
+        batch_size: Option<usize>,
         parameters: String,
         timings: Option<RecordTimings>,
     ) -> Self {
@@ -2099,7 +2100,7 @@ mod tests {
     fn validation_failures_become_line_errors_and_make_no_items() {
         let f = text("a cat\n--prompt dog --width 100\n--prompt x --bad 1\nfox\n");
         let check = |j: &Job| {
-            if j.sampling.width % 8 == 0 {
+            if j.sampling.width.is_multiple_of(8) {
                 Ok(())
             } else {
                 Err(Error::InvalidInput(format!(
@@ -2301,7 +2302,7 @@ mod tests {
             device: "Cpu".into(),
             dtype: "f32".into(),
         };
-        Record::new(j, Path::new(file), &run, 2, "params".into(), None)
+        Record::new(j, Path::new(file), &run, Some(2), "params".into(), None)
     }
 
     #[test]

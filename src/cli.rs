@@ -20,6 +20,8 @@ pub struct Cli {
 pub enum Command {
     /// Generate images from a text prompt.
     Generate(Box<GenerateArgs>),
+    /// Generate images from prompt files (plain, AUTOMATIC1111 option lines, or JSONL); resumable.
+    Batch(Box<BatchArgs>),
     /// Print the generation parameters stored in a PNG made by latent (or AUTOMATIC1111).
     Info {
         /// PNG file(s) to read.
@@ -105,6 +107,54 @@ pub struct GenerateArgs {
     #[arg(short, long)]
     pub quiet: bool,
     /// Print one JSON object per image on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct BatchArgs {
+    /// Prompt files: .txt (one prompt, or one line of AUTOMATIC1111 options, per line) or .jsonl
+    /// (one JSON object per line). `#` comments and blank lines are skipped.
+    #[arg(required = true)]
+    pub files: Vec<PathBuf>,
+    /// Read every file in this format instead of the one its extension names: text or jsonl.
+    #[arg(long)]
+    pub format: Option<latent::batch::Format>,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Defaults for every line; a line's own options override them.
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// Run seed: an item without its own seed uses run seed + item index. Default: the one
+    /// recorded in the output folder's manifest, else random; always recorded.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Images per line, unless the line gives batch_size or n_iter.
+    #[arg(short = 'n', long, default_value_t = 1)]
+    pub repeat: usize,
+    /// Images per UNet call; items with equal size, steps, scheduler and guidance share batches.
+    #[arg(long = "batch-size", default_value_t = 1)]
+    pub batch_size: usize,
+    /// Output folder (with manifest.jsonl). Default: outputs/<first prompt file's name>.
+    #[arg(short, long)]
+    pub output: Option<PathBuf>,
+    /// File name template; fields: {index}, {seed}, {prompt_slug}, {file}, {line}, {width},
+    /// {height}, {steps}; {index:05} pads with zeros.
+    #[arg(long, default_value = latent::batch::DEFAULT_TEMPLATE)]
+    pub filename: String,
+    /// Replace files in the way of unfinished items (normally a clash is an error).
+    #[arg(long)]
+    pub overwrite: bool,
+    /// Validate every line and print the plan (items, groups, estimated time); generate nothing.
+    #[arg(long)]
+    pub check: bool,
+    /// Make at most this many new images, then stop; a later run resumes with the rest.
+    #[arg(long, value_name = "N")]
+    pub max_images: Option<usize>,
+    /// No progress bars, per-image lines or summary (line errors are still printed).
+    #[arg(short, long)]
+    pub quiet: bool,
+    /// Print one JSON object per finished image on stdout (its manifest record plus `path`).
     #[arg(long)]
     pub json: bool,
 }

@@ -9,6 +9,7 @@ fn main() -> std::process::ExitCode {
     let cli = cli::Cli::parse();
     let result = match cli.command {
         cli::Command::Generate(args) => commands::generate(*args),
+        cli::Command::Batch(args) => commands::batch(*args),
         cli::Command::Info { files } => commands::info(&files),
     };
     match result {

@@ -1,15 +1,20 @@
 //! Terminal progress for the binary: indicatif bars wired to the library's events.
 use std::time::Duration;
 
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use latent::pipeline::Event;
 
 /// Draws a spinner while loading and a bar over all denoising steps; prints warnings.
+///
+/// In items mode ([`Progress::start_items`], for runs over many items) it draws a bar over the
+/// items with an ETA above a bar over the current batch's steps.
 pub struct Progress {
     quiet: bool,
     spinner: Option<ProgressBar>,
     bar: Option<ProgressBar>,
     total_steps: u64,
+    multi: Option<MultiProgress>,
+    items: Option<ProgressBar>,
 }
 
 impl Progress {
@@ -20,6 +25,53 @@ impl Progress {
             spinner: None,
             bar: None,
             total_steps: 0,
+            multi: None,
+            items: None,
+        }
+    }
+
+    /// Switches to items mode: a bar over `total` items (with ETA) above a bar over the
+    /// current batch's steps.
+    pub fn start_items(&mut self, total: u64) {
+        if let Some(s) = self.spinner.take() {
+            s.finish_and_clear();
+        }
+        if self.quiet {
+            return;
+        }
+        let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
+        let items = multi.add(ProgressBar::new(total));
+        items.set_style(
+            ProgressStyle::with_template(
+                "items [{bar:30}] {pos}/{len} {elapsed_precise} ETA {eta} {msg}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        let steps = multi.add(ProgressBar::new(0));
+        steps.set_style(
+            ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} steps")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        items.tick();
+        self.items = Some(items);
+        self.bar = Some(steps);
+        self.multi = Some(multi);
+    }
+
+    /// Items mode: a new batch starts; `label` names it on the steps bar.
+    pub fn start_batch(&mut self, label: &str) {
+        if let (Some(_), Some(bar)) = (&self.items, &self.bar) {
+            bar.set_position(0);
+            bar.set_message(label.to_string());
+        }
+    }
+
+    /// Items mode: `n` more items are finished (or failed).
+    pub fn items_done(&mut self, n: u64) {
+        if let Some(items) = &self.items {
+            items.inc(n);
         }
     }
 
@@ -55,6 +107,11 @@ impl Progress {
                 if self.quiet {
                     return;
                 }
+                if let (Some(_), Some(bar)) = (&self.items, &self.bar) {
+                    bar.set_length(steps as u64);
+                    bar.set_position(step as u64);
+                    return;
+                }
                 let total = self.total_steps.max(steps as u64);
                 let bar = self.bar.get_or_insert_with(|| {
                     let b =
@@ -83,6 +140,10 @@ impl Progress {
 
     /// Prints a line without tearing the bars.
     pub fn println(&self, line: &str) {
+        if let Some(multi) = &self.multi {
+            multi.suspend(|| eprintln!("{line}"));
+            return;
+        }
         match &self.bar {
             Some(b) if !b.is_finished() => b.suspend(|| eprintln!("{line}")),
             _ => eprintln!("{line}"),
@@ -96,6 +157,12 @@ impl Progress {
         }
         if let Some(b) = self.bar.take() {
             b.finish_and_clear();
+        }
+        if let Some(b) = self.items.take() {
+            b.finish_and_clear();
+        }
+        if let Some(m) = self.multi.take() {
+            let _ = m.clear();
         }
     }
 }

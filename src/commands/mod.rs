@@ -1,5 +1,6 @@
 //! What each subcommand does: load the model, call the library's stages, write files, report.
 //! Helpers shared by the subcommands live here; each subcommand has its own file.
+mod batch;
 mod generate;
 mod info;
 
@@ -10,6 +11,7 @@ use latent::model::ModelSource;
 use latent::output::GenerationParams;
 use latent::pipeline::{Sampling, StableDiffusion};
 
+pub use batch::batch;
 pub use generate::generate;
 pub use info::info;
 
