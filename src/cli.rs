@@ -22,6 +22,8 @@ pub enum Command {
     Generate(Box<GenerateArgs>),
     /// Generate images from prompt files (plain, AUTOMATIC1111 option lines, or JSONL); resumable.
     Batch(Box<BatchArgs>),
+    /// Animate between keyframes (prompts and seeds) by interpolating noise and text; resumable.
+    Walk(Box<WalkArgs>),
     /// Print the generation parameters stored in a PNG made by latent (or AUTOMATIC1111).
     Info {
         /// PNG file(s) to read.
@@ -155,6 +157,65 @@ pub struct BatchArgs {
     #[arg(short, long)]
     pub quiet: bool,
     /// Print one JSON object per finished image on stdout (its manifest record plus `path`).
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct WalkArgs {
+    /// Keyframe file (TOML with [[keyframe]] tables: prompt, seed, frames, optional
+    /// negative_prompt and guidance), instead of --prompt/--seed.
+    #[arg(conflicts_with_all = ["prompts", "seeds"])]
+    pub keyframes: Option<PathBuf>,
+    /// Prompt of a keyframe; repeat to walk between prompts.
+    #[arg(short = 'p', long = "prompt", value_name = "PROMPT")]
+    pub prompts: Vec<String>,
+    /// Seed of a keyframe; repeat to walk between seeds. One prompt with several seeds walks the
+    /// noise, several prompts with one seed walk the text, equal counts pair up. Default: one
+    /// random seed (reused when the same walk is run again).
+    #[arg(long = "seed", value_name = "SEED")]
+    pub seeds: Vec<u64>,
+    /// Frames from each keyframe to the next [default: 24; a keyframe file's own counts win].
+    #[arg(long)]
+    pub frames: Option<usize>,
+    /// Return to the first keyframe, so the animation cycles seamlessly.
+    #[arg(long = "loop")]
+    pub looped: bool,
+    /// Timing within each segment: linear, or smooth (slow at keyframes, fast between).
+    #[arg(long, default_value = "linear")]
+    pub ease: latent::walk::Ease,
+    /// Text embedding interpolation: lerp or slerp (the noise always uses slerp).
+    #[arg(long = "text-interp", default_value = "lerp")]
+    pub text_interp: latent::walk::Interp,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// Frames per UNet call.
+    #[arg(long = "batch-size", default_value_t = 1)]
+    pub batch_size: usize,
+    /// Frames per second of the animations.
+    #[arg(long, default_value_t = 12.0)]
+    pub fps: f64,
+    /// Animation formats besides walk.gif (always written): webp, apng, mp4 (needs ffmpeg).
+    /// Repeat or separate with commas.
+    #[arg(long = "format", value_delimiter = ',', value_name = "FORMAT")]
+    pub formats: Vec<latent::walk::AnimationFormat>,
+    /// Walk folder. Default: the newest outputs/walk-N holding this same walk (to resume it),
+    /// else a new outputs/walk-N.
+    #[arg(short, long)]
+    pub output: Option<PathBuf>,
+    /// Replace a walk folder holding a different walk (or files in the way).
+    #[arg(long)]
+    pub overwrite: bool,
+    /// Render a quick draft into <folder>/preview/ (same size, a quarter of the steps, at least
+    /// 4) and stop; run again without --preview for the full walk.
+    #[arg(long)]
+    pub preview: bool,
+    /// No progress bar or summary.
+    #[arg(short, long)]
+    pub quiet: bool,
+    /// Print one JSON object per rendered frame, then a summary object, on stdout.
     #[arg(long)]
     pub json: bool,
 }

@@ -8,5 +8,6 @@ pub mod output;
 pub mod pipeline;
 pub mod schedulers;
 pub mod text;
+pub mod walk;
 
 pub use error::{Error, Result};

@@ -10,6 +10,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         cli::Command::Generate(args) => commands::generate(*args),
         cli::Command::Batch(args) => commands::batch(*args),
+        cli::Command::Walk(args) => commands::walk(*args),
         cli::Command::Info { files } => commands::info(&files),
     };
     match result {

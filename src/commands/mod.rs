@@ -3,6 +3,7 @@
 mod batch;
 mod generate;
 mod info;
+mod walk;
 
 use std::path::Path;
 
@@ -14,6 +15,7 @@ use latent::pipeline::{Sampling, StableDiffusion};
 pub use batch::batch;
 pub use generate::generate;
 pub use info::info;
+pub use walk::walk;
 
 use crate::cli::{ModelArgs, SamplingArgs};
 use crate::progress::Progress;

@@ -1,0 +1,860 @@
+//! Latent walks: animations that morph between keyframes (a prompt and a seed each) by
+//! interpolating the starting noise (slerp) and the text embeddings (lerp or slerp), then
+//! running every frame through the pipeline's own stages (`render_batch`).
+//!
+//! The frame plan: keyframe `i` owns `frames` frames at `t = j / frames` (`j = 0..frames`) on the
+//! way to keyframe `i + 1`, so every keyframe appears exactly once, as the first frame of its
+//! segment. Without `--loop` the last keyframe closes the walk as one more frame; with it, the
+//! last segment leads back to the first keyframe and the animation cycles without a repeated
+//! frame. stable-diffusion-videos (the anchor) samples `linspace(0, 1, n)` per segment instead,
+//! which shows every inner keyframe twice and stutters there.
+//!
+//! A frame at eased time `s` between keyframes `a` and `b` starts from
+//! `slerp(noise_a, noise_b, s)`, is conditioned on `interp(text_a, text_b, s)` (conditional and
+//! unconditional embeddings alike), uses guidance `lerp(g_a, g_b, s)` and keyframe `a`'s seed for
+//! whatever per-step noise the scheduler draws. So frame k is exactly the image that
+//! `render_batch` (the stage `generate` runs) makes from those inputs alone, and a keyframe's own
+//! frame is `generate --seed seed_a prompt_a` (for every scheduler but euler-a, whose step noise
+//! `generate` draws after the starting noise from the same generator).
+mod animation;
+mod keyframes;
+mod record;
+
+use std::fmt;
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::pipeline::{
+    Event, GenerateRequest, GeneratedImage, PromptEmbeddings, Sampling, StableDiffusion, Timings,
+};
+use crate::schedulers::SchedulerKind;
+use crate::{Error, Result};
+
+pub use animation::{check_ffmpeg, write_animation, AnimationFormat};
+pub use keyframes::{
+    keyframes_from_flags, parse_keyframes, read_keyframe_file, FileDefaults, Keyframe,
+    KeyframeFileError,
+};
+pub use record::{
+    clean_folder, find_walk_folder, next_walk_folder, prepare_folder, read_record, write_record,
+    FolderPlan, FrameRecord, WalkRecord, RECORD_FILE,
+};
+
+/// Cosine above which two noise vectors count as parallel and slerp falls back to lerp
+/// (stable-diffusion-videos' `DOT_THRESHOLD`): there `sin(theta)` is too small to divide by, and
+/// the arc and the chord are the same to within float error anyway.
+pub const PARALLEL_DOT: f64 = 0.9995;
+
+/// Spherical interpolation between `a` and `b` (same shape), treated as flat vectors.
+///
+/// `slerp(a, b, t) = sin((1-t) theta) / sin(theta) * a + sin(t theta) / sin(theta) * b` with
+/// `cos(theta) = a.b / (|a| |b|)`. Two Gaussian noise samples are nearly orthogonal with equal
+/// norms; lerp would shrink the norm by up to `1/sqrt(2)` halfway, which the sampler sees as too
+/// little noise (washed-out, blurry frames); slerp keeps it. When `|cos(theta)| >`
+/// [`PARALLEL_DOT`] or either vector is zero this is [`lerp`]. `t = 0` and `t = 1` return `a` and
+/// `b` exactly. Computed in f64, returned in `a`'s dtype.
+pub fn slerp(a: &Tensor, b: &Tensor, t: f64) -> Result<Tensor> {
+    check_same_shape(a, b)?;
+    if t == 0.0 {
+        return Ok(a.clone());
+    }
+    if t == 1.0 {
+        return Ok(b.clone());
+    }
+    let a64 = a.to_dtype(DType::F64)?;
+    let b64 = b.to_dtype(DType::F64)?;
+    let dot = (&a64 * &b64)?.sum_all()?.to_scalar::<f64>()?;
+    let norm_a = a64.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt();
+    let norm_b = b64.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt();
+    let cos = dot / (norm_a * norm_b);
+    if !cos.is_finite() || cos.abs() > PARALLEL_DOT {
+        return lerp(a, b, t);
+    }
+    let theta = cos.acos();
+    let sin_theta = theta.sin();
+    let wa = ((1.0 - t) * theta).sin() / sin_theta;
+    let wb = (t * theta).sin() / sin_theta;
+    Ok(((a64 * wa)? + (b64 * wb)?)?.to_dtype(a.dtype())?)
+}
+
+/// Linear interpolation `(1 - t) a + t b`; `t = 0` and `t = 1` return `a` and `b` exactly.
+pub fn lerp(a: &Tensor, b: &Tensor, t: f64) -> Result<Tensor> {
+    check_same_shape(a, b)?;
+    if t == 0.0 {
+        return Ok(a.clone());
+    }
+    if t == 1.0 {
+        return Ok(b.clone());
+    }
+    let a64 = a.to_dtype(DType::F64)?;
+    let b64 = b.to_dtype(DType::F64)?;
+    Ok(((a64 * (1.0 - t))? + (b64 * t)?)?.to_dtype(a.dtype())?)
+}
+
+fn check_same_shape(a: &Tensor, b: &Tensor) -> Result<()> {
+    if a.dims() != b.dims() {
+        return Err(Error::InvalidInput(format!(
+            "cannot interpolate tensors of shapes {:?} and {:?}",
+            a.dims(),
+            b.dims()
+        )));
+    }
+    Ok(())
+}
+
+/// How two tensors are blended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Interp {
+    /// Straight line, [`lerp`].
+    #[default]
+    Lerp,
+    /// Great circle, [`slerp`].
+    Slerp,
+}
+
+impl Interp {
+    /// Blends `a` and `b` at `t`.
+    pub fn apply(self, a: &Tensor, b: &Tensor, t: f64) -> Result<Tensor> {
+        match self {
+            Interp::Lerp => lerp(a, b, t),
+            Interp::Slerp => slerp(a, b, t),
+        }
+    }
+
+    /// The name on the command line and in walk.json.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Interp::Lerp => "lerp",
+            Interp::Slerp => "slerp",
+        }
+    }
+}
+
+impl fmt::Display for Interp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Interp {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "lerp" | "linear" => Ok(Interp::Lerp),
+            "slerp" | "spherical" => Ok(Interp::Slerp),
+            _ => Err(Error::InvalidInput(format!(
+                "unknown interpolation `{s}` (expected lerp or slerp)"
+            ))),
+        }
+    }
+}
+
+/// The timing curve inside each segment between two keyframes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Ease {
+    /// Constant speed: `s = t`.
+    #[default]
+    Linear,
+    /// Smoothstep `s = 3t^2 - 2t^3`: starts and ends at rest, so the animation lingers on each
+    /// keyframe and moves fastest halfway.
+    Smooth,
+}
+
+impl Ease {
+    /// The eased time for `t` in [0, 1]; 0 and 1 map to themselves exactly.
+    pub fn apply(self, t: f64) -> f64 {
+        match self {
+            Ease::Linear => t,
+            Ease::Smooth => t * t * (3.0 - 2.0 * t),
+        }
+    }
+
+    /// The name on the command line and in walk.json.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Ease::Linear => "linear",
+            Ease::Smooth => "smooth",
+        }
+    }
+}
+
+impl fmt::Display for Ease {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Ease {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "linear" => Ok(Ease::Linear),
+            "smooth" | "smoothstep" => Ok(Ease::Smooth),
+            _ => Err(Error::InvalidInput(format!(
+                "unknown ease `{s}` (expected linear or smooth)"
+            ))),
+        }
+    }
+}
+
+/// One frame of the plan: where it sits between two keyframes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Frame {
+    /// Position in the animation, from 0.
+    pub index: usize,
+    /// Keyframe the segment starts at.
+    pub from: usize,
+    /// Keyframe the segment leads to (equal to `from` for the closing frame of a walk without
+    /// loop).
+    pub to: usize,
+    /// Linear time in the segment, `j / frames`, in [0, 1).
+    pub t: f64,
+    /// `t` through the ease curve: the weight of keyframe `to`.
+    pub eased: f64,
+}
+
+/// The frames of a walk through `keyframes`, in order.
+///
+/// Keyframe `i` contributes `keyframes[i].frames` frames (t = 0, 1/n, ..., (n-1)/n) towards
+/// keyframe `i + 1`. Without `looped` the last keyframe adds one closing frame and its `frames`
+/// is not used; with `looped` its segment leads back to keyframe 0. Errors: fewer than two
+/// keyframes, a segment with 0 frames or without a frame count.
+pub fn plan_frames(keyframes: &[Keyframe], looped: bool, ease: Ease) -> Result<Vec<Frame>> {
+    let k = keyframes.len();
+    if k < 2 {
+        return Err(Error::InvalidInput(format!(
+            "a walk needs at least two keyframes, found {k}: give several prompts, several seeds, \
+             or a keyframe file"
+        )));
+    }
+    let segments = if looped { k } else { k - 1 };
+    let mut frames = Vec::new();
+    for (i, kf) in keyframes.iter().enumerate().take(segments) {
+        let n = match kf.frames {
+            Some(0) => {
+                return Err(Error::InvalidInput(format!(
+                    "keyframe {}: frames must be at least 1",
+                    i + 1
+                )))
+            }
+            Some(n) => n,
+            None => {
+                return Err(Error::InvalidInput(format!(
+                    "keyframe {}: no frame count to the next keyframe",
+                    i + 1
+                )))
+            }
+        };
+        let to = (i + 1) % k;
+        for j in 0..n {
+            let t = j as f64 / n as f64;
+            frames.push(Frame {
+                index: frames.len(),
+                from: i,
+                to,
+                t,
+                eased: ease.apply(t),
+            });
+        }
+    }
+    if !looped {
+        frames.push(Frame {
+            index: frames.len(),
+            from: k - 1,
+            to: k - 1,
+            t: 0.0,
+            eased: 0.0,
+        });
+    }
+    Ok(frames)
+}
+
+/// File name of frame `index` inside a walk folder (`frame-00012.png`; ffmpeg's
+/// `frame-%05d.png`).
+pub fn frame_file_name(index: usize) -> String {
+    format!("frame-{index:05}.png")
+}
+
+/// Everything of a walk but its keyframes.
+#[derive(Debug, Clone)]
+pub struct WalkSettings {
+    /// Size, steps, scheduler, generator. Its `guidance` is not used: each keyframe carries its
+    /// own, and frames interpolate it.
+    pub sampling: Sampling,
+    /// Return from the last keyframe to the first.
+    pub looped: bool,
+    /// Timing curve within each segment.
+    pub ease: Ease,
+    /// How text embeddings are blended (noise always uses slerp).
+    pub text_interp: Interp,
+}
+
+/// The inputs of one frame, as `render_batch` takes them for a batch of one.
+#[derive(Debug, Clone)]
+pub struct FrameInputs {
+    /// Seed of the `from` keyframe: drives the per-step noise of ancestral schedulers.
+    pub seed: u64,
+    /// Classifier-free guidance scale of this frame.
+    pub guidance: f64,
+    /// Starting noise (1, c, h/f, w/f), unscaled, f32 on the CPU.
+    pub noise: Tensor,
+    /// Text conditioning with batch 1; `uncond` is `None` when `guidance <= 1`.
+    pub embeddings: PromptEmbeddings,
+}
+
+/// A walk ready to render: keyframe noise drawn and prompts encoded once, frames planned.
+pub struct Walk<'m> {
+    model: &'m StableDiffusion,
+    keyframes: Vec<Keyframe>,
+    settings: WalkSettings,
+    frames: Vec<Frame>,
+    /// Per keyframe: (1, c, h/f, w/f) f32 on the CPU.
+    noise: Vec<Tensor>,
+    /// Per keyframe, batch 1.
+    embeddings: Vec<PromptEmbeddings>,
+}
+
+impl<'m> Walk<'m> {
+    /// Checks the walk, plans its frames, draws each keyframe's noise and encodes each distinct
+    /// prompt once.
+    pub fn new(
+        model: &'m StableDiffusion,
+        keyframes: Vec<Keyframe>,
+        settings: WalkSettings,
+        on_event: &mut dyn FnMut(Event),
+    ) -> Result<Self> {
+        let frames = check_walk(model, &keyframes, &settings)?;
+        if settings.sampling.scheduler == SchedulerKind::EulerAncestral {
+            on_event(Event::Warning(
+                "euler-a draws fresh noise at every step from each segment's first seed, so the \
+                 walk jumps at every keyframe (and keyframes differ from `generate`); ddim, pndm, \
+                 euler or dpm++2m give smooth walks"
+                    .into(),
+            ));
+        }
+
+        let s = &settings.sampling;
+        let f = model.vae_scale_factor();
+        let shape = [1, model.latent_channels(), s.height / f, s.width / f];
+        let noise = keyframes
+            .iter()
+            .map(|kf| s.rng.noise_source([kf.seed]).randn(&shape, &Device::Cpu))
+            .collect::<Result<Vec<_>>>()?;
+
+        // Every keyframe gets its unconditional embedding when any frame uses guidance, so it
+        // can be interpolated towards keyframes that do.
+        let max_guidance = keyframes
+            .iter()
+            .map(|kf| kf.guidance)
+            .fold(f64::NEG_INFINITY, f64::max);
+        let mut embeddings: Vec<PromptEmbeddings> = Vec::with_capacity(keyframes.len());
+        for (i, kf) in keyframes.iter().enumerate() {
+            let same = keyframes[..i]
+                .iter()
+                .position(|o| o.prompt == kf.prompt && o.negative_prompt == kf.negative_prompt);
+            let e = match same {
+                Some(j) => embeddings[j].clone(),
+                None => {
+                    model.encode_prompt(&kf.prompt, &kf.negative_prompt, max_guidance, on_event)?
+                }
+            };
+            embeddings.push(e);
+        }
+        Ok(Walk {
+            model,
+            keyframes,
+            settings,
+            frames,
+            noise,
+            embeddings,
+        })
+    }
+
+    /// The planned frames, in order.
+    pub fn frames(&self) -> &[Frame] {
+        &self.frames
+    }
+
+    /// The keyframes.
+    pub fn keyframes(&self) -> &[Keyframe] {
+        &self.keyframes
+    }
+
+    /// The settings.
+    pub fn settings(&self) -> &WalkSettings {
+        &self.settings
+    }
+
+    fn frame(&self, k: usize) -> Result<&Frame> {
+        self.frames.get(k).ok_or_else(|| {
+            Error::InvalidInput(format!(
+                "frame {k} is outside the walk ({} frames)",
+                self.frames.len()
+            ))
+        })
+    }
+
+    /// Guidance of frame `k`: the keyframes' guidance interpolated linearly at the eased time.
+    pub fn frame_guidance(&self, k: usize) -> Result<f64> {
+        let f = self.frame(k)?;
+        Ok(frame_guidance(&self.keyframes, f))
+    }
+
+    /// Starting noise, text embeddings, guidance and seed of frame `k`.
+    ///
+    /// The noise is the slerp of the two keyframes' noise; the embeddings (conditional and
+    /// unconditional) use the walk's text interpolation. Where both keyframes share the seed
+    /// (or the text) that input is taken as is, without a round trip through the arithmetic.
+    pub fn frame_inputs(&self, k: usize) -> Result<FrameInputs> {
+        let f = *self.frame(k)?;
+        let (a, b) = (&self.keyframes[f.from], &self.keyframes[f.to]);
+        let s = f.eased;
+        let noise = if a.seed == b.seed {
+            self.noise[f.from].clone()
+        } else {
+            slerp(&self.noise[f.from], &self.noise[f.to], s)?
+        };
+        let guidance = frame_guidance(&self.keyframes, &f);
+        let (ea, eb) = (&self.embeddings[f.from], &self.embeddings[f.to]);
+        let same_text = a.prompt == b.prompt && a.negative_prompt == b.negative_prompt;
+        let interp = self.settings.text_interp;
+        let cond = if same_text {
+            ea.cond.clone()
+        } else {
+            interp.apply(&ea.cond, &eb.cond, s)?
+        };
+        let uncond = match (guidance > 1.0, &ea.uncond, &eb.uncond) {
+            (false, _, _) => None,
+            (true, Some(ua), Some(ub)) => Some(if same_text {
+                ua.clone()
+            } else {
+                interp.apply(ua, ub, s)?
+            }),
+            // `new` encodes the unconditional text of every keyframe when any guidance > 1.
+            (true, _, _) => {
+                return Err(Error::InvalidInput(format!(
+                    "frame {k}: guidance {guidance} without unconditional embeddings"
+                )))
+            }
+        };
+        Ok(FrameInputs {
+            seed: a.seed,
+            guidance,
+            noise,
+            embeddings: PromptEmbeddings { cond, uncond },
+        })
+    }
+
+    /// Splits `todo` (frame indices, in order) into batches of at most `batch_size` frames that
+    /// can share one UNet call: consecutive in `todo` and with the same guidance.
+    pub fn batches(&self, todo: &[usize], batch_size: usize) -> Result<Vec<Vec<usize>>> {
+        if batch_size == 0 {
+            return Err(Error::InvalidInput(
+                "--batch-size must be at least 1".into(),
+            ));
+        }
+        let mut out: Vec<Vec<usize>> = Vec::new();
+        let mut last_guidance = None;
+        for &k in todo {
+            let g = self.frame_guidance(k)?;
+            match out.last_mut() {
+                Some(batch) if batch.len() < batch_size && last_guidance == Some(g.to_bits()) => {
+                    batch.push(k)
+                }
+                _ => out.push(vec![k]),
+            }
+            last_guidance = Some(g.to_bits());
+        }
+        Ok(out)
+    }
+
+    /// Renders frames `batch` (indices sharing one guidance, see [`Walk::batches`]) in one
+    /// `render_batch` call; images come back in the same order. Progress events label the batch
+    /// by its first frame index.
+    pub fn render(
+        &self,
+        batch: &[usize],
+        timings: &mut Timings,
+        on_event: &mut dyn FnMut(Event),
+    ) -> Result<Vec<GeneratedImage>> {
+        let Some(&first) = batch.first() else {
+            return Ok(Vec::new());
+        };
+        let inputs = batch
+            .iter()
+            .map(|&k| self.frame_inputs(k))
+            .collect::<Result<Vec<_>>>()?;
+        let guidance = inputs[0].guidance;
+        if inputs
+            .iter()
+            .any(|i| i.guidance.to_bits() != guidance.to_bits())
+        {
+            return Err(Error::InvalidInput(
+                "frames of one batch must share their guidance".into(),
+            ));
+        }
+        let seeds: Vec<u64> = inputs.iter().map(|i| i.seed).collect();
+        let noise = Tensor::cat(&inputs.iter().map(|i| &i.noise).collect::<Vec<_>>(), 0)?;
+        let embeddings = PromptEmbeddings::stack(
+            &inputs
+                .iter()
+                .map(|i| i.embeddings.clone())
+                .collect::<Vec<_>>(),
+        )?;
+        let sampling = Sampling {
+            guidance,
+            ..self.settings.sampling.clone()
+        };
+        self.model.render_batch(
+            &embeddings,
+            &seeds,
+            Some(&noise),
+            &sampling,
+            first,
+            timings,
+            on_event,
+        )
+    }
+
+    /// The walk's part of frame `k`'s PNG metadata, as `(key, value)` pairs after the usual
+    /// settings: position, keyframe pair (numbered from 1, as people count), times, target
+    /// prompt and seed, interpolation.
+    pub fn frame_metadata(&self, k: usize) -> Result<Vec<(String, String)>> {
+        let f = self.frame(k)?;
+        let to = &self.keyframes[f.to];
+        let mut pairs = vec![
+            (
+                "Walk frame".to_string(),
+                format!("{}/{}", k + 1, self.frames.len()),
+            ),
+            (
+                "Walk keyframes".to_string(),
+                format!("{}->{}", f.from + 1, f.to + 1),
+            ),
+            ("Walk t".to_string(), format!("{}", f.t)),
+            ("Walk eased t".to_string(), format!("{}", f.eased)),
+            ("Walk to seed".to_string(), to.seed.to_string()),
+            ("Walk to prompt".to_string(), to.prompt.clone()),
+        ];
+        if !to.negative_prompt.is_empty() {
+            pairs.push(("Walk to negative prompt".into(), to.negative_prompt.clone()));
+        }
+        pairs.extend([
+            ("Walk noise".to_string(), "slerp".to_string()),
+            (
+                "Walk text".to_string(),
+                self.settings.text_interp.to_string(),
+            ),
+            ("Walk ease".to_string(), self.settings.ease.to_string()),
+        ]);
+        Ok(pairs)
+    }
+}
+
+/// Checks a walk before any work (what [`Walk::new`] checks first): at least two keyframes,
+/// frame counts, non-empty prompts, finite guidance, and the pipeline's own input checks
+/// (size, steps) for the settings every frame shares. Returns the frame plan.
+pub fn check_walk(
+    model: &StableDiffusion,
+    keyframes: &[Keyframe],
+    settings: &WalkSettings,
+) -> Result<Vec<Frame>> {
+    let frames = plan_frames(keyframes, settings.looped, settings.ease)?;
+    check_keyframes(keyframes)?;
+    // Stage 0 with the settings every frame shares.
+    model.check_inputs(&GenerateRequest {
+        prompt: keyframes[0].prompt.clone(),
+        negative_prompt: keyframes[0].negative_prompt.clone(),
+        sampling: settings.sampling.clone(),
+        seeds: vec![keyframes[0].seed],
+        batch_size: 1,
+        latents: None,
+    })?;
+    Ok(frames)
+}
+
+/// Keyframe guidance interpolated at the frame's eased time; exactly `g_from` at `s = 0` and
+/// when both keyframes agree.
+fn frame_guidance(keyframes: &[Keyframe], f: &Frame) -> f64 {
+    let (ga, gb) = (keyframes[f.from].guidance, keyframes[f.to].guidance);
+    if ga == gb || f.eased == 0.0 {
+        ga
+    } else {
+        ga + (gb - ga) * f.eased
+    }
+}
+
+/// Per-keyframe checks the frame plan does not make.
+fn check_keyframes(keyframes: &[Keyframe]) -> Result<()> {
+    for (i, kf) in keyframes.iter().enumerate() {
+        if kf.prompt.trim().is_empty() {
+            return Err(Error::InvalidInput(format!(
+                "keyframe {}: the prompt is empty",
+                i + 1
+            )));
+        }
+        if !kf.guidance.is_finite() {
+            return Err(Error::InvalidInput(format!(
+                "keyframe {}: guidance must be a finite number",
+                i + 1
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Writes a file through `write` at a hidden temporary path beside `path`, then renames it over
+/// `path`, so readers see the old file or the complete new one, never a partial one. The
+/// temporary file is removed on error.
+fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let name = path
+        .file_name()
+        .ok_or_else(|| Error::InvalidInput(format!("{}: path has no file name", path.display())))?;
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(format!(".tmp-{}-{n}", std::process::id()));
+    let tmp = path.with_file_name(tmp_name);
+    let result = write(&tmp).and_then(|()| {
+        std::fs::File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| Error::io(&tmp, e))?;
+        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    });
+    if result.is_err() {
+        // Best effort: the write's own error is the one to report.
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Steps of a `--preview` render: a quarter of `steps`, but at least 4 (or `steps` itself when
+/// smaller).
+pub fn preview_steps(steps: usize) -> usize {
+    (steps / 4).max(steps.min(4))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vec_tensor(v: &[f32]) -> Tensor {
+        Tensor::from_slice(v, (v.len(),), &Device::Cpu).unwrap()
+    }
+
+    fn values(t: &Tensor) -> Vec<f32> {
+        t.to_vec1().unwrap()
+    }
+
+    fn norm(v: &[f32]) -> f64 {
+        v.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt()
+    }
+
+    fn kf(frames: Option<usize>) -> Keyframe {
+        Keyframe {
+            prompt: "p".into(),
+            negative_prompt: String::new(),
+            seed: 0,
+            frames,
+            guidance: 7.5,
+        }
+    }
+
+    #[test]
+    fn slerp_endpoints_are_exact() {
+        // Values whose arithmetic would round: the endpoints must not go through it.
+        let a = vec_tensor(&[0.1, -0.7, 1.3e-3, 3.3]);
+        let b = vec_tensor(&[-2.1, 0.25, 0.9, 1e-7]);
+        assert_eq!(values(&slerp(&a, &b, 0.0).unwrap()), values(&a));
+        assert_eq!(values(&slerp(&a, &b, 1.0).unwrap()), values(&b));
+        assert_eq!(values(&lerp(&a, &b, 0.0).unwrap()), values(&a));
+        assert_eq!(values(&lerp(&a, &b, 1.0).unwrap()), values(&b));
+    }
+
+    #[test]
+    fn slerp_keeps_unit_vectors_on_the_sphere() {
+        let s = std::f32::consts::FRAC_1_SQRT_2;
+        let a = vec_tensor(&[1.0, 0.0, 0.0]);
+        let b = vec_tensor(&[0.0, s, s]);
+        for t in [0.1, 0.25, 0.5, 0.8, 0.99] {
+            let v = values(&slerp(&a, &b, t).unwrap());
+            assert!((norm(&v) - 1.0).abs() < 1e-6, "t={t}: norm {}", norm(&v));
+            // Halfway between orthogonal unit vectors: the angle to each is 45 degrees.
+            if t == 0.5 {
+                let c = std::f32::consts::FRAC_1_SQRT_2;
+                assert!(
+                    (v[0] - c).abs() < 1e-6 && (v[1] - 0.5).abs() < 1e-6,
+                    "{v:?}"
+                );
+            }
+        }
+        // Lerp of the same pair shrinks the norm: the reason slerp is used for noise.
+        let mid = values(&lerp(&a, &b, 0.5).unwrap());
+        assert!((norm(&mid) - s as f64).abs() < 1e-6, "{}", norm(&mid));
+    }
+
+    #[test]
+    fn slerp_on_gaussian_noise_keeps_the_norm() {
+        let n = 4096;
+        let a = crate::noise::TorchGenerator::new(1).randn(n);
+        let b = crate::noise::TorchGenerator::new(2).randn(n);
+        let (na, nb) = (norm(&a), norm(&b));
+        let mid = values(&slerp(&vec_tensor(&a), &vec_tensor(&b), 0.5).unwrap());
+        // Nearly orthogonal, nearly equal norms: slerp stays within 2% of them, lerp loses ~29%.
+        assert!((norm(&mid) / na.max(nb)) > 0.98, "{} vs {na}", norm(&mid));
+        let lmid = values(&lerp(&vec_tensor(&a), &vec_tensor(&b), 0.5).unwrap());
+        assert!(norm(&lmid) / na < 0.75, "{}", norm(&lmid));
+    }
+
+    #[test]
+    fn nearly_parallel_vectors_fall_back_to_lerp() {
+        let a = vec_tensor(&[1.0, 2.0, 3.0]);
+        let b = vec_tensor(&[1.0, 2.0, 3.001]);
+        let t = 0.3;
+        assert_eq!(
+            values(&slerp(&a, &b, t).unwrap()),
+            values(&lerp(&a, &b, t).unwrap())
+        );
+        // Same vector: no NaN from sin(0) / sin(0).
+        let v = values(&slerp(&a, &a, t).unwrap());
+        assert!(v.iter().all(|x| x.is_finite()), "{v:?}");
+        for (x, y) in v.iter().zip([1.0, 2.0, 3.0]) {
+            assert!((x - y).abs() < 1e-6);
+        }
+        // A zero vector has no direction: lerp, not NaN.
+        let z = vec_tensor(&[0.0, 0.0, 0.0]);
+        let v = values(&slerp(&z, &a, 0.5).unwrap());
+        assert_eq!(v, [0.5, 1.0, 1.5]);
+        // Just below the threshold is a real slerp (differs from lerp).
+        let c = vec_tensor(&[1.0, 0.0]);
+        let d = vec_tensor(&[0.99, 0.1411]); // cos ~= 0.99
+        assert_ne!(
+            values(&slerp(&c, &d, t).unwrap()),
+            values(&lerp(&c, &d, t).unwrap())
+        );
+    }
+
+    #[test]
+    fn mismatched_shapes_are_an_error() {
+        let a = vec_tensor(&[1.0, 2.0]);
+        let b = vec_tensor(&[1.0, 2.0, 3.0]);
+        assert!(slerp(&a, &b, 0.5).is_err());
+        assert!(lerp(&a, &b, 0.5).is_err());
+    }
+
+    #[test]
+    fn ease_curves() {
+        for e in [Ease::Linear, Ease::Smooth] {
+            assert_eq!(e.apply(0.0), 0.0);
+            assert_eq!(e.apply(1.0), 1.0);
+            assert_eq!(e.apply(0.5), 0.5);
+        }
+        assert_eq!(Ease::Linear.apply(0.25), 0.25);
+        assert!((Ease::Smooth.apply(0.25) - 0.15625).abs() < 1e-15);
+        assert!((Ease::Smooth.apply(0.75) - 0.84375).abs() < 1e-15);
+        // Monotonic, flat at both ends, symmetric.
+        let mut last = 0.0;
+        for i in 1..=100 {
+            let t = i as f64 / 100.0;
+            let s = Ease::Smooth.apply(t);
+            assert!(s > last, "not increasing at {t}");
+            assert!((s + Ease::Smooth.apply(1.0 - t) - 1.0).abs() < 1e-12);
+            last = s;
+        }
+        assert!(Ease::Smooth.apply(0.01) < 0.001);
+        assert_eq!("smooth".parse::<Ease>().unwrap(), Ease::Smooth);
+        assert!("bounce".parse::<Ease>().is_err());
+    }
+
+    #[test]
+    fn frames_without_loop_end_on_the_last_keyframe() {
+        let kfs = [kf(Some(3)), kf(Some(2)), kf(None)];
+        let plan = plan_frames(&kfs, false, Ease::Linear).unwrap();
+        let got: Vec<(usize, usize, usize, f64)> =
+            plan.iter().map(|f| (f.index, f.from, f.to, f.t)).collect();
+        assert_eq!(
+            got,
+            [
+                (0, 0, 1, 0.0),
+                (1, 0, 1, 1.0 / 3.0),
+                (2, 0, 1, 2.0 / 3.0),
+                (3, 1, 2, 0.0),
+                (4, 1, 2, 0.5),
+                (5, 2, 2, 0.0),
+            ]
+        );
+    }
+
+    #[test]
+    fn frames_with_loop_return_to_the_first_keyframe_without_repeating_it() {
+        let kfs = [kf(Some(2)), kf(Some(1)), kf(Some(3))];
+        let plan = plan_frames(&kfs, true, Ease::Smooth).unwrap();
+        let got: Vec<(usize, usize, f64)> = plan.iter().map(|f| (f.from, f.to, f.t)).collect();
+        assert_eq!(
+            got,
+            [
+                (0, 1, 0.0),
+                (0, 1, 0.5),
+                (1, 2, 0.0),
+                (2, 0, 0.0),
+                (2, 0, 1.0 / 3.0),
+                (2, 0, 2.0 / 3.0),
+            ]
+        );
+        assert!(plan.iter().enumerate().all(|(i, f)| f.index == i));
+        assert!((plan[4].eased - Ease::Smooth.apply(1.0 / 3.0)).abs() < 1e-15);
+        // The last keyframe needs a count when looping.
+        let err = plan_frames(&[kf(Some(2)), kf(None)], true, Ease::Linear).unwrap_err();
+        assert!(err.to_string().contains("keyframe 2"), "{err}");
+    }
+
+    #[test]
+    fn frame_counts() {
+        let count = |n: &[Option<usize>], looped| {
+            let kfs: Vec<Keyframe> = n.iter().map(|&f| kf(f)).collect();
+            plan_frames(&kfs, looped, Ease::Linear).map(|p| p.len())
+        };
+        assert_eq!(count(&[Some(24), Some(24)], false).unwrap(), 25);
+        assert_eq!(count(&[Some(24), Some(24)], true).unwrap(), 48);
+        assert_eq!(count(&[Some(1), Some(1), None], false).unwrap(), 3);
+        assert!(count(&[Some(0), None], false)
+            .unwrap_err()
+            .to_string()
+            .contains("at least 1"));
+        assert!(count(&[Some(4)], false)
+            .unwrap_err()
+            .to_string()
+            .contains("two keyframes"));
+        assert!(count(&[Some(4)], true).is_err());
+    }
+
+    #[test]
+    fn frame_guidance_interpolates_and_is_exact_at_keyframes() {
+        let mut kfs = [kf(Some(4)), kf(None)];
+        kfs[1].guidance = 3.5;
+        let plan = plan_frames(&kfs, false, Ease::Linear).unwrap();
+        let g: Vec<f64> = plan.iter().map(|f| frame_guidance(&kfs, f)).collect();
+        assert_eq!(g, [7.5, 6.5, 5.5, 4.5, 3.5]);
+    }
+
+    #[test]
+    fn preview_steps_are_a_quarter_but_at_least_four() {
+        assert_eq!(preview_steps(30), 7);
+        assert_eq!(preview_steps(50), 12);
+        assert_eq!(preview_steps(10), 4);
+        assert_eq!(preview_steps(3), 3);
+        assert_eq!(preview_steps(1), 1);
+    }
+
+    #[test]
+    fn frame_files_sort_in_order() {
+        assert_eq!(frame_file_name(0), "frame-00000.png");
+        assert_eq!(frame_file_name(123), "frame-00123.png");
+    }
+}
