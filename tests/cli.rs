@@ -341,3 +341,34 @@ fn given_latents_and_f16_runs_work() {
     args.extend(["--dtype", "bf16"]);
     assert!(fails(&args).contains("bf16"));
 }
+
+#[test]
+fn f16_decode_overflow_warns_and_redecodes_in_f32() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("overflow");
+    copy_model(&m);
+    // Scale the VAE's last convolution past f16's range (65504): in f16 the weights become
+    // inf and the decode NaN/inf; in f32 they stay finite.
+    let path = m.join("vae/diffusion_pytorch_model.safetensors");
+    let dev = candle_core::Device::Cpu;
+    let mut tensors = candle_core::safetensors::load(&path, &dev).unwrap();
+    for t in tensors.values_mut() {
+        *t = t.to_dtype(candle_core::DType::F32).unwrap();
+    }
+    let w = tensors["decoder.conv_out.weight"].clone();
+    tensors.insert("decoder.conv_out.weight".into(), (w * 1e6).unwrap());
+    candle_core::safetensors::save(&tensors, &path).unwrap();
+    let out = dir.path().join("x.png");
+    let ms = m.display().to_string();
+    let out_s = out.display().to_string();
+    let o = latent(&[
+        "generate", "a cat", "--model", &ms, "--steps", "2", "--dtype", "f16", "-o", &out_s,
+    ]);
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("warning:") && err.contains("decoding again in f32"),
+        "{err}"
+    );
+    assert!(image::open(&out).is_ok());
+}
