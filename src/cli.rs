@@ -24,6 +24,8 @@ pub enum Command {
     Batch(Box<BatchArgs>),
     /// Animate between keyframes (prompts and seeds) by interpolating noise and text; resumable.
     Walk(Box<WalkArgs>),
+    /// Time each stage of one generation (load, text encode, UNet step, decode) and peak memory.
+    Bench(Box<BenchArgs>),
     /// Print the generation parameters stored in a PNG made by latent (or AUTOMATIC1111).
     Info {
         /// PNG file(s) to read.
@@ -216,6 +218,26 @@ pub struct WalkArgs {
     #[arg(short, long)]
     pub quiet: bool,
     /// Print one JSON object per rendered frame, then a summary object, on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Prompt to encode.
+    #[arg(default_value = "a photo of an astronaut riding a horse on mars")]
+    pub prompt: String,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// Seed of the starting noise.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// CPU threads (RAYON_NUM_THREADS); default: all cores.
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
 }

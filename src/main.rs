@@ -11,6 +11,7 @@ fn main() -> std::process::ExitCode {
         cli::Command::Generate(args) => commands::generate(*args),
         cli::Command::Batch(args) => commands::batch(*args),
         cli::Command::Walk(args) => commands::walk(*args),
+        cli::Command::Bench(args) => commands::bench(*args),
         cli::Command::Info { files } => commands::info(&files),
     };
     match result {

@@ -1,6 +1,7 @@
 //! What each subcommand does: load the model, call the library's stages, write files, report.
 //! Helpers shared by the subcommands live here; each subcommand has its own file.
 mod batch;
+mod bench;
 mod generate;
 mod info;
 mod walk;
@@ -13,6 +14,7 @@ use latent::output::GenerationParams;
 use latent::pipeline::{Sampling, StableDiffusion};
 
 pub use batch::batch;
+pub use bench::bench;
 pub use generate::generate;
 pub use info::info;
 pub use walk::walk;

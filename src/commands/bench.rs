@@ -1,0 +1,125 @@
+//! `latent bench`: times each stage of one generation (load, text encode, seconds per UNet
+//! step, VAE decode) and the peak memory, for side-by-side runs against other tools.
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use latent::pipeline::Timings;
+
+use super::{load_model, sampling_for};
+use crate::cli::BenchArgs;
+use crate::progress::Progress;
+
+/// Peak resident memory of this process in bytes (Linux `VmHWM`), when known.
+fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// `latent bench`.
+pub fn bench(args: BenchArgs) -> Result<()> {
+    if args.threads == Some(0) {
+        bail!("--threads must be at least 1");
+    }
+    if let Some(n) = args.threads {
+        // candle's CPU kernels and rayon read this before their pools start.
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+    let mut progress = Progress::new(true);
+    let start = Instant::now();
+    let model = load_model(&args.model, &mut progress)?;
+    let load = start.elapsed();
+    let sampling = sampling_for(&model, &args.sampling)?;
+    let req = latent::pipeline::GenerateRequest {
+        prompt: args.prompt.clone(),
+        negative_prompt: args.sampling.negative_prompt.clone(),
+        sampling: sampling.clone(),
+        seeds: vec![args.seed],
+        batch_size: 1,
+        latents: None,
+    };
+    model.check_inputs(&req)?;
+
+    let mut timings = Timings::default();
+    let t = Instant::now();
+    let embeddings = model.encode_prompt(
+        &req.prompt,
+        &req.negative_prompt,
+        sampling.guidance,
+        &mut |_| {},
+    )?;
+    timings.text_encode = t.elapsed();
+    let mut step_times = Vec::new();
+    let mut last = Instant::now();
+    model.render_batch(
+        &embeddings,
+        &req.seeds,
+        None,
+        &sampling,
+        0,
+        &mut timings,
+        &mut |e| {
+            if let latent::pipeline::Event::Step { .. } = e {
+                step_times.push(last.elapsed().as_secs_f64());
+                last = Instant::now();
+            }
+        },
+    )?;
+    // The first step pays one-time costs (allocations, page faults of the mapped weights);
+    // report the median of the others when there are any.
+    let steady: Vec<f64> = if step_times.len() > 1 {
+        step_times[1..].to_vec()
+    } else {
+        step_times.clone()
+    };
+    let mut sorted = steady.clone();
+    sorted.sort_by(|a, b| a.total_cmp(b));
+    let median = sorted.get(sorted.len() / 2).copied().unwrap_or(0.0);
+    let peak = peak_rss_bytes();
+    let threads = candle_core::utils::get_num_threads();
+    let record = serde_json::json!({
+        "model": model.name(),
+        "width": sampling.width,
+        "height": sampling.height,
+        "steps": step_times.len(),
+        "guidance": sampling.guidance,
+        "scheduler": sampling.scheduler.to_string(),
+        "dtype": format!("{:?}", model.dtype()).to_lowercase(),
+        "device": format!("{:?}", model.device().location()),
+        "threads": threads,
+        "load_s": load.as_secs_f64(),
+        "text_encode_s": timings.text_encode.as_secs_f64(),
+        "step_s_median": median,
+        "step_s_first": step_times.first().copied().unwrap_or(0.0),
+        "step_s_all": step_times,
+        "decode_s": timings.decode.as_secs_f64(),
+        "peak_rss_bytes": peak,
+    });
+    if args.json {
+        println!("{record}");
+    } else {
+        println!("model        {}", model.name());
+        println!(
+            "size         {}x{}, {} steps, guidance {}, {}, {:?}, {threads} threads",
+            sampling.width,
+            sampling.height,
+            record["steps"],
+            sampling.guidance,
+            sampling.scheduler,
+            model.dtype()
+        );
+        println!("load         {:8.3} s", load.as_secs_f64());
+        println!("text encode  {:8.3} s", timings.text_encode.as_secs_f64());
+        println!(
+            "UNet step    {median:8.3} s (median; first {:.3} s)",
+            record["step_s_first"].as_f64().unwrap_or(0.0)
+        );
+        println!("VAE decode   {:8.3} s", timings.decode.as_secs_f64());
+        match peak {
+            Some(b) => println!("peak RSS     {:8.2} GB", b as f64 / 1e9),
+            None => println!("peak RSS     unknown on this platform"),
+        }
+    }
+    Ok(())
+}
