@@ -206,22 +206,11 @@ pub(crate) fn add_noise_vp(
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-    use crate::schedulers::{build, SchedulerKind};
-
-    fn sd15() -> SchedulerConfig {
-        SchedulerConfig::from_json(
-            r#"{"_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
-                "beta_start": 0.00085, "set_alpha_to_one": false, "skip_prk_steps": true,
-                "steps_offset": 1, "clip_sample": false}"#,
-            "sd15.json",
-        )
-        .unwrap()
-    }
+    use crate::schedulers::{build, sd15_test_config, SchedulerKind};
 
     #[test]
     fn leading_timesteps_match_diffusers() {
-        let s = build(SchedulerKind::Ddim, &sd15(), 10, false).unwrap();
+        let s = build(SchedulerKind::Ddim, &sd15_test_config(), 10, false).unwrap();
         // DDIMScheduler.from_config(sd15).set_timesteps(10).timesteps
         assert_eq!(
             s.timesteps(),
@@ -231,7 +220,7 @@ mod tests {
 
     #[test]
     fn linspace_and_trailing_timesteps_match_diffusers() {
-        let mut c = sd15();
+        let mut c = sd15_test_config();
         c.timestep_spacing = Some("linspace".into());
         let s = build(SchedulerKind::Ddim, &c, 7, false).unwrap();
         // np.linspace(0, 999, 7).round(): 166.5 and 832.5 round to even.
@@ -250,13 +239,13 @@ mod tests {
     #[test]
     fn out_of_range_timesteps_are_errors() {
         // 1000 leading steps with steps_offset 1 reach timestep 1000.
-        let err = build(SchedulerKind::Ddim, &sd15(), 1000, false)
+        let err = build(SchedulerKind::Ddim, &sd15_test_config(), 1000, false)
             .err()
             .unwrap()
             .to_string();
         assert!(err.contains("give timestep 1000"), "{err}");
         // numpy's arange gives 61 trailing steps a 62nd timestep of -1.
-        let mut c = sd15();
+        let mut c = sd15_test_config();
         c.timestep_spacing = Some("trailing".into());
         let err = build(SchedulerKind::Ddim, &c, 61, false)
             .err()
@@ -267,7 +256,7 @@ mod tests {
 
     #[test]
     fn thresholding_is_a_config_error() {
-        let mut c = sd15();
+        let mut c = sd15_test_config();
         c.thresholding = Some(true);
         let err = build(SchedulerKind::Ddim, &c, 10, false)
             .err()

@@ -324,21 +324,11 @@ impl Scheduler for DpmPp2m {
 
 #[cfg(test)]
 mod tests {
-    use crate::schedulers::{build, SchedulerConfig, SchedulerKind};
-
-    fn sd15() -> SchedulerConfig {
-        SchedulerConfig::from_json(
-            r#"{"_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
-                "beta_start": 0.00085, "set_alpha_to_one": false, "skip_prk_steps": true,
-                "steps_offset": 1, "clip_sample": false}"#,
-            "sd15.json",
-        )
-        .unwrap()
-    }
+    use crate::schedulers::{build, sd15_test_config, SchedulerConfig, SchedulerKind};
 
     #[test]
     fn sd15_timesteps_match_diffusers() {
-        let s = build(SchedulerKind::DpmPp2m, &sd15(), 5, false).unwrap();
+        let s = build(SchedulerKind::DpmPp2m, &sd15_test_config(), 5, false).unwrap();
         // DPMSolverMultistepScheduler.from_config(sd15).set_timesteps(5).timesteps
         assert_eq!(s.timesteps(), &[999.0, 799.0, 599.0, 400.0, 200.0]);
         assert_eq!(s.sigmas().unwrap().len(), 6);
@@ -347,7 +337,7 @@ mod tests {
 
     #[test]
     fn lambda_min_clipped_cuts_the_schedule() {
-        let mut c = sd15();
+        let mut c = sd15_test_config();
         c.lambda_min_clipped = Some(f64::NEG_INFINITY);
         let full = build(SchedulerKind::DpmPp2m, &c, 5, false).unwrap();
         assert_eq!(full.timesteps()[0], 999.0);

@@ -250,21 +250,11 @@ impl Scheduler for Euler {
 
 #[cfg(test)]
 mod tests {
-    use crate::schedulers::{build, SchedulerConfig, SchedulerKind};
-
-    fn sd15() -> SchedulerConfig {
-        SchedulerConfig::from_json(
-            r#"{"_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
-                "beta_start": 0.00085, "set_alpha_to_one": false, "skip_prk_steps": true,
-                "steps_offset": 1, "clip_sample": false}"#,
-            "sd15.json",
-        )
-        .unwrap()
-    }
+    use crate::schedulers::{build, sd15_test_config, SchedulerConfig, SchedulerKind};
 
     #[test]
     fn sd15_schedule_matches_diffusers() {
-        let s = build(SchedulerKind::Euler, &sd15(), 4, false).unwrap();
+        let s = build(SchedulerKind::Euler, &sd15_test_config(), 4, false).unwrap();
         // EulerDiscreteScheduler.from_config(sd15).set_timesteps(4): linspace, not rounded.
         assert_eq!(s.timesteps(), &[999.0, 666.0, 333.0, 0.0]);
         let sigmas = s.sigmas().unwrap();
@@ -277,10 +267,10 @@ mod tests {
 
     #[test]
     fn karras_follows_the_flag_or_the_config() {
-        let plain = build(SchedulerKind::Euler, &sd15(), 10, false).unwrap();
-        let karras = build(SchedulerKind::Euler, &sd15(), 10, true).unwrap();
+        let plain = build(SchedulerKind::Euler, &sd15_test_config(), 10, false).unwrap();
+        let karras = build(SchedulerKind::Euler, &sd15_test_config(), 10, true).unwrap();
         assert_ne!(plain.sigmas(), karras.sigmas());
-        let mut c = sd15();
+        let mut c = sd15_test_config();
         c.use_karras_sigmas = Some(true);
         let from_config = build(SchedulerKind::Euler, &c, 10, false).unwrap();
         assert_eq!(from_config.sigmas(), karras.sigmas());

@@ -231,6 +231,18 @@ fn div(t: &Tensor, s: f32) -> Result<Tensor> {
     Ok(t.broadcast_div(&s)?)
 }
 
+/// SD 1.5's real scheduler_config.json, for the schedulers' unit tests.
+#[cfg(test)]
+pub(crate) fn sd15_test_config() -> SchedulerConfig {
+    SchedulerConfig::from_json(
+        r#"{"_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+            "beta_start": 0.00085, "set_alpha_to_one": false, "skip_prk_steps": true,
+            "steps_offset": 1, "clip_sample": false}"#,
+        "sd15.json",
+    )
+    .expect("valid test config")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
