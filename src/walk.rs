@@ -40,7 +40,7 @@ pub use keyframes::{
 };
 pub use record::{
     clean_folder, find_walk_folder, next_walk_folder, prepare_folder, read_record, write_record,
-    FolderPlan, FrameRecord, WalkRecord, RECORD_FILE,
+    FolderPlan, FrameRecord, WalkRecord, PREVIEW_DIR, RECORD_FILE,
 };
 
 /// Cosine above which two noise vectors count as parallel and slerp falls back to lerp

@@ -353,6 +353,14 @@ fn frame_k_equals_the_image_rendered_alone_from_its_interpolated_inputs() {
             assert_same_image(&walked[k], &alone[0], &format!("{scheduler} frame {k}"));
         }
 
+        // The tolerance tells neighbours apart: consecutive frames differ far more.
+        let scale = max_abs(&walked[2].latents);
+        let step = max_abs(&(&walked[1].latents - &walked[2].latents).unwrap());
+        assert!(
+            step > 1e-2 * scale,
+            "{scheduler}: frames 1 and 2 nearly equal ({step})"
+        );
+
         // A keyframe's own frame is what `generate` makes from its prompt and seed. (Not with
         // euler-a: generate draws its step noise after the starting noise from the same
         // generator, a walk frame gets its starting noise by interpolation.)

@@ -65,13 +65,20 @@ pub fn walk(args: WalkArgs) -> Result<()> {
             } else {
                 vec![random_seed()]
             };
-            let k = walk::keyframes_from_flags(
+            let mut k = walk::keyframes_from_flags(
                 &args.prompts,
                 &seeds,
                 args.frames.unwrap_or(DEFAULT_FRAMES),
                 &s.negative_prompt,
                 s.guidance,
             )?;
+            // As in a keyframe file: the last keyframe of a walk that does not loop leads
+            // nowhere, and walk.json says so.
+            if !args.looped {
+                if let Some(last) = k.last_mut() {
+                    last.frames = None;
+                }
+            }
             (k, given)
         }
     };
@@ -111,7 +118,7 @@ pub fn walk(args: WalkArgs) -> Result<()> {
     };
     let (root, found) = match &args.output {
         Some(dir) => {
-            let found = [(dir.clone(), false), (dir.join("preview"), true)]
+            let found = [(dir.clone(), false), (dir.join(walk::PREVIEW_DIR), true)]
                 .into_iter()
                 .find_map(|(d, p)| match walk::read_record(&d) {
                     Ok(Some(rec)) if matches(&rec, p) => Some(rec),
@@ -131,7 +138,7 @@ pub fn walk(args: WalkArgs) -> Result<()> {
     }
     let record = record_for(&keyframes, settings)?;
     let dir = if args.preview {
-        root.join("preview")
+        root.join(walk::PREVIEW_DIR)
     } else {
         root.clone()
     };
@@ -181,10 +188,13 @@ pub fn walk(args: WalkArgs) -> Result<()> {
             ));
         }
 
-        let mut bar = FrameBar::new(args.quiet || args.json);
+        let mut bar = FrameBar::new(args.quiet);
+        let prepare_started = Instant::now();
         let w = Walk::new(&model, keyframes.clone(), settings.clone(), &mut |e| {
             bar.event(e)
         })?;
+        // Text encoding of every keyframe (and drawing their noise), once per walk.
+        timings.text_encode = prepare_started.elapsed();
         let per_frame = model
             .scheduler(
                 settings.sampling.scheduler,
@@ -198,6 +208,7 @@ pub fn walk(args: WalkArgs) -> Result<()> {
             if interrupted.load(Ordering::SeqCst) {
                 break;
             }
+            bar.label(&batch);
             let images = w.render(&batch, &mut timings, &mut |e| bar.event(e))?;
             for (&k, image) in batch.iter().zip(&images) {
                 let f = &record.frames[k];
@@ -245,6 +256,7 @@ pub fn walk(args: WalkArgs) -> Result<()> {
     }
 
     // Animations from the frame files: they hold every frame, rendered now or before.
+    let animations_started = Instant::now();
     let mut written = Vec::new();
     for format in &formats {
         let name = format.file_name();
@@ -256,6 +268,7 @@ pub fn walk(args: WalkArgs) -> Result<()> {
         }
         written.push(name);
     }
+    let animations_time = animations_started.elapsed();
     let mut final_record = record.clone();
     final_record.animations = written.clone();
     walk::write_record(&dir, &final_record)?;
@@ -283,6 +296,7 @@ pub fn walk(args: WalkArgs) -> Result<()> {
                 "text_encode_s": timings.text_encode.as_secs_f64(),
                 "denoise_s": timings.denoise.as_secs_f64(),
                 "decode_s": timings.decode.as_secs_f64(),
+                "animations_s": animations_time.as_secs_f64(),
                 "total_s": started.elapsed().as_secs_f64(),
             },
         });
@@ -335,17 +349,27 @@ impl FrameBar {
         self.bar = Some(bar);
     }
 
+    /// Names the frames of the batch in flight.
+    fn label(&self, batch: &[usize]) {
+        let Some(bar) = &self.bar else { return };
+        let (first, last) = match (batch.first(), batch.last()) {
+            (Some(&f), Some(&l)) => (f + 1, l + 1),
+            _ => return,
+        };
+        bar.set_message(if first == last {
+            format!("frame {first} of {}", self.total)
+        } else if last - first + 1 == batch.len() {
+            format!("frames {first}-{last} of {}", self.total)
+        } else {
+            format!("{} frames of {} from {first}", batch.len(), self.total)
+        });
+    }
+
     fn event(&mut self, event: Event) {
         match event {
-            Event::Step {
-                first_image, batch, ..
-            } => {
+            // One step of a batch advances every frame in it.
+            Event::Step { batch, .. } => {
                 if let Some(bar) = &self.bar {
-                    bar.set_message(if batch > 1 {
-                        format!("frames {}+{} of {}", first_image + 1, batch, self.total)
-                    } else {
-                        format!("frame {} of {}", first_image + 1, self.total)
-                    });
                     bar.inc(batch as u64);
                 }
             }

@@ -21,7 +21,7 @@ pub const RECORD_FILE: &str = "walk.json";
 const FORMAT: &str = "latent-walk/1";
 
 /// Subfolder of a walk folder that holds its `--preview` render.
-pub(crate) const PREVIEW_DIR: &str = "preview";
+pub const PREVIEW_DIR: &str = "preview";
 
 /// What `walk.json` holds: enough to re-render the walk, extend it, or check frames on disk.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -244,7 +244,7 @@ pub struct FolderPlan {
     pub done: Vec<bool>,
     /// Files deleted because the new walk replaces them (only with `overwrite`).
     pub removed: Vec<PathBuf>,
-    /// The animations still valid for the frames on disk (nothing was removed or is missing).
+    /// The animations still valid: the walk was complete, nothing changed, same fps.
     pub animations: Vec<String>,
 }
 
@@ -367,10 +367,11 @@ pub fn prepare_folder(dir: &Path, new: &WalkRecord, overwrite: bool) -> Result<F
     }
     let complete_before = old.frames.len() == n && done.iter().all(|&d| d);
     let mut doomed: Vec<PathBuf> = conflicts.iter().map(|c| dir.join(c)).collect();
-    let animations = if complete_before && conflicts.is_empty() && new.frames == old.frames {
+    let unchanged = complete_before && conflicts.is_empty() && new.frames == old.frames;
+    let animations = if unchanged && new.fps == old.fps {
         old.animations.clone()
     } else {
-        // The animations show frames that are changing or missing.
+        // Stale: they show frames that are changing or missing, or play at another speed.
         doomed.extend(
             names
                 .iter()
@@ -630,6 +631,32 @@ mod tests {
         );
         let plan = prepare_folder(dir, &changed, true).unwrap();
         assert_eq!(plan.done, [true, false, false, false, false]);
+    }
+
+    #[test]
+    fn animations_of_a_complete_walk_are_kept_unless_the_speed_changes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let r = record(&["a", "b"], 2, &settings());
+        prepare_folder(dir, &r, false).unwrap();
+        touch_frames(dir, &r, 0..3);
+        fs::write(dir.join("walk.gif"), b"gif").unwrap();
+        write_record(
+            dir,
+            &WalkRecord {
+                animations: vec!["walk.gif".into()],
+                ..r.clone()
+            },
+        )
+        .unwrap();
+        let plan = prepare_folder(dir, &r, false).unwrap();
+        assert_eq!(plan.animations, ["walk.gif"]);
+        assert!(dir.join("walk.gif").exists());
+        let faster = WalkRecord { fps: 24.0, ..r };
+        let plan = prepare_folder(dir, &faster, false).unwrap();
+        assert!(plan.animations.is_empty());
+        assert_eq!(plan.done, [true; 3]);
+        assert!(!dir.join("walk.gif").exists());
     }
 
     #[test]
