@@ -206,7 +206,7 @@ pub fn batch(args: BatchArgs) -> Result<()> {
     let mut failed = sorted.blocked.len();
     let mut stopped_by_limit = false;
     let mut batch_number = 0usize;
-    let mut denoise_time = Duration::ZERO;
+    let mut generating_time = Duration::ZERO;
     'run: for group in &groups {
         for chunk in group.batches(args.batch_size) {
             if interrupted() {
@@ -242,7 +242,7 @@ pub fn batch(args: BatchArgs) -> Result<()> {
                     continue;
                 }
             };
-            denoise_time += timings.denoise + timings.decode + timings.text_encode;
+            generating_time += timings.denoise + timings.decode + timings.text_encode;
             let share = RecordTimings::from_batch(&timings, chunk.len());
             for (job, image) in chunk.iter().zip(&images) {
                 let name = &names[job.index];
@@ -304,10 +304,10 @@ pub fn batch(args: BatchArgs) -> Result<()> {
     let left = plan.jobs.len() - skipped - made - failed;
     let bad_lines = plan.errors.len();
     if !args.quiet {
-        let per_minute = if denoise_time > Duration::ZERO {
+        let per_minute = if generating_time > Duration::ZERO {
             format!(
                 ", {:.1} images/min while generating",
-                made as f64 / denoise_time.as_secs_f64() * 60.0
+                made as f64 / generating_time.as_secs_f64() * 60.0
             )
         } else {
             String::new()
