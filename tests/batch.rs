@@ -331,6 +331,17 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
 }
 
+fn max_abs(a: &Tensor) -> f32 {
+    a.abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
 #[test]
 fn render_jobs_batch_equals_single_on_latents() {
     let model = load_tiny();
@@ -365,10 +376,17 @@ fn render_jobs_batch_equals_single_on_latents() {
             batch::render_jobs(&model, &[job], 0, &mut Timings::default(), &mut |_| {}).unwrap();
         assert_eq!(together[i].seed, job.seed);
         let d = max_abs_diff(&together[i].latents, &alone[0].latents);
-        eprintln!("item {i}: batch of 4 vs alone, latents max abs diff {d:.2e}");
-        // Same math at another batch size: summation order only (~6e-5 measured on latents of
-        // magnitude ~20 for SD-size models; far less here). Tolerance 1e-4 absolute.
-        assert!(d <= 1e-4, "item {i}: latents differ by {d}");
+        let scale = max_abs(&alone[0].latents);
+        eprintln!(
+            "item {i}: batch of 4 vs alone: latents max abs diff {d:.2e} (max |x| {scale:.1})"
+        );
+        // Same math at another batch size: summation order only. Measured 4.6e-5 to 5.3e-5
+        // absolute on latents up to 15 in magnitude (about 4e-6 relative); the bound is 2e-5 of
+        // the largest magnitude, a few float32 roundings per step accumulated.
+        assert!(
+            d <= 2e-5 * scale,
+            "item {i}: latents differ by {d} (max |x| {scale})"
+        );
     }
     // Different prompts give different images: the rows are not all the first prompt.
     assert!(max_abs_diff(&together[0].latents, &together[1].latents) > 1e-3);
