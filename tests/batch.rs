@@ -600,7 +600,7 @@ fn interrupt_run(presses: usize) -> (Output, PathBuf, tempfile::TempDir) {
             .unwrap()
             .success();
         assert!(ok);
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(20));
     }
     let out = child.wait_with_output().unwrap();
     (out, manifest, dir)
