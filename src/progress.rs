@@ -48,7 +48,8 @@ impl Progress {
             .unwrap_or_else(|_| ProgressStyle::default_bar())
             .progress_chars("=> "),
         );
-        let steps = multi.add(ProgressBar::new(0));
+        // Length 1 until the first step reports the real one (0 would draw as complete).
+        let steps = multi.add(ProgressBar::new(1));
         steps.set_style(
             ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} steps")
                 .unwrap_or_else(|_| ProgressStyle::default_bar())
