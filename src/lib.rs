@@ -1,5 +1,6 @@
 //! `latent`: text-to-image generation with latent diffusion models (Stable Diffusion 1.x/2.x) on candle.
 pub mod batch;
+pub mod demo;
 pub mod device;
 pub mod error;
 pub mod model;

@@ -6,9 +6,7 @@ mod generate;
 mod info;
 mod walk;
 
-use std::path::Path;
-
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use latent::model::ModelSource;
 use latent::output::GenerationParams;
 use latent::pipeline::{Sampling, StableDiffusion};
@@ -25,7 +23,8 @@ use crate::progress::Progress;
 /// Environment variable naming the default model.
 const MODEL_ENV: &str = "LATENT_MODEL";
 
-/// The model to use: `--model`, else `$LATENT_MODEL`, else the bundled model folder.
+/// The model to use: `--model`, else `$LATENT_MODEL`, else the bundled demo model (compiled
+/// into the binary and extracted once to the cache folder, see `latent::demo`).
 fn model_source(args: &ModelArgs) -> Result<ModelSource> {
     let spec = match (
         &args.model,
@@ -34,15 +33,13 @@ fn model_source(args: &ModelArgs) -> Result<ModelSource> {
         (Some(m), _) => m.clone(),
         (None, Some(env)) => env,
         (None, None) => {
-            let bundled = Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("weights")
-                .join("demo");
-            if !bundled.join("model_index.json").is_file() {
-                bail!(
-                    "no model given: pass --model <folder or hub id> (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5) or set {MODEL_ENV}"
-                );
+            if args.revision.is_some() {
+                bail!("--revision only applies to hub models; the bundled demo model has none");
             }
-            bundled.display().to_string()
+            latent::demo::model_dir()
+                .context("cannot set up the bundled demo model (pass --model to use another)")?
+                .display()
+                .to_string()
         }
     };
     Ok(ModelSource::parse(&spec, args.revision.as_deref())?)
