@@ -293,6 +293,21 @@ pub fn prepare_folder(dir: &Path, new: &WalkRecord, overwrite: bool) -> Result<F
             dir.display()
         )))
     };
+    // Every frame and animation of ours goes, and the new record takes the folder.
+    let start_fresh = || -> Result<FolderPlan> {
+        let doomed: Vec<PathBuf> = names
+            .iter()
+            .filter(|n| ours(n))
+            .map(|n| dir.join(n))
+            .collect();
+        remove_all(&doomed)?;
+        write_record(dir, new)?;
+        Ok(FolderPlan {
+            done: vec![false; n],
+            removed: doomed,
+            animations: Vec::new(),
+        })
+    };
 
     let old = match read_record(dir) {
         Ok(old) => old,
@@ -311,36 +326,14 @@ pub fn prepare_folder(dir: &Path, new: &WalkRecord, overwrite: bool) -> Result<F
                 others[0]
             ));
         }
-        let doomed: Vec<PathBuf> = names
-            .iter()
-            .filter(|n| ours(n))
-            .map(|n| dir.join(n))
-            .collect();
-        remove_all(&doomed)?;
-        write_record(dir, new)?;
-        return Ok(FolderPlan {
-            done: vec![false; n],
-            removed: doomed,
-            animations: Vec::new(),
-        });
+        return start_fresh();
     };
 
     if let Some(diff) = new.render_difference(&old) {
         if !overwrite {
             return refuse(format!("it holds a walk with other settings ({diff})"));
         }
-        let doomed: Vec<PathBuf> = names
-            .iter()
-            .filter(|n| ours(n))
-            .map(|n| dir.join(n))
-            .collect();
-        remove_all(&doomed)?;
-        write_record(dir, new)?;
-        return Ok(FolderPlan {
-            done: vec![false; n],
-            removed: doomed,
-            animations: Vec::new(),
-        });
+        return start_fresh();
     }
 
     let mut done = vec![false; n];
