@@ -240,4 +240,8 @@ pub struct BenchArgs {
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// Also time each kind of operation (convolutions, linears, attention, norms, ...) over
+    /// the UNet steps and over the decode, with their GFLOP/s (CPU kernels count FLOPs).
+    #[arg(long)]
+    pub profile: bool,
 }

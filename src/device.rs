@@ -92,7 +92,8 @@ impl DeviceSpec {
 
 /// Floating-point precision of the model weights and activations.
 ///
-/// `Auto` is f16 on a GPU and f32 on the CPU (where f16 is slow and bf16 lacks fast kernels).
+/// `Auto` is f16 on a GPU and f32 on the CPU. bf16 on the CPU means bf16 weights and bf16
+/// matrix products (AMX / AVX512-BF16 where the CPU has them) with f32 activations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Precision {
     #[default]
@@ -129,19 +130,13 @@ impl fmt::Display for Precision {
 }
 
 impl Precision {
-    /// The dtype this precision means on `device`. bf16 on the CPU is refused: candle's CPU
-    /// convolutions have no bf16 kernel yet.
+    /// The dtype of the weights this precision means on `device`.
     pub fn resolve(self, device: &Device) -> Result<DType> {
         Ok(match self {
             Self::Auto if device.is_cpu() => DType::F32,
             Self::Auto => DType::F16,
             Self::F32 => DType::F32,
             Self::F16 => DType::F16,
-            Self::BF16 if device.is_cpu() => {
-                return Err(Error::InvalidInput(
-                    "--dtype bf16 is not supported on the CPU yet (no bf16 convolution kernel); use f32 or f16".into(),
-                ))
-            }
             Self::BF16 => DType::BF16,
         })
     }
@@ -170,7 +165,7 @@ mod tests {
     #[test]
     fn auto_precision_is_f32_on_cpu() {
         assert_eq!(Precision::Auto.resolve(&Device::Cpu).unwrap(), DType::F32);
-        assert!(Precision::BF16.resolve(&Device::Cpu).is_err());
+        assert_eq!(Precision::BF16.resolve(&Device::Cpu).unwrap(), DType::BF16);
         assert_eq!("bf16".parse::<Precision>().unwrap(), Precision::BF16);
         assert!("f8".parse::<Precision>().is_err());
     }

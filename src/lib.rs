@@ -3,6 +3,7 @@ pub mod batch;
 pub mod demo;
 pub mod device;
 pub mod error;
+pub mod kernels;
 pub mod model;
 pub mod noise;
 pub mod output;

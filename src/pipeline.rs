@@ -37,11 +37,14 @@ pub struct StableDiffusion {
     text_encoder: ClipTextModel,
     unet: UNet,
     vae: VaeDecoder,
-    vae_weights: Weights,
+    /// Kept for an f32 re-decode when a reduced-precision decode overflows; None in f32.
+    vae_weights: Option<Weights>,
     scheduler_config: SchedulerConfig,
     scheduler_path: std::path::PathBuf,
     device: Device,
     dtype: DType,
+    /// dtype of activations: `dtype`, except f32 for bf16 on the CPU (bf16 products only).
+    act_dtype: DType,
 }
 
 /// Files of a tokenizer folder (a tokenizer.json, or vocab.json + merges.txt, plus configs).
@@ -73,6 +76,11 @@ impl StableDiffusion {
             ));
         }
         let prefer_fp16 = dtype == DType::F16;
+        let act_dtype = if device.is_cpu() && dtype == DType::BF16 {
+            DType::F32
+        } else {
+            dtype
+        };
 
         on_event(Event::Loading {
             component: "tokenizer",
@@ -96,10 +104,11 @@ impl StableDiffusion {
             component: "text encoder",
         });
         let text_config = ClipTextConfig::from_file(&files.get("text_encoder/config.json")?)?;
+        // The text encoder runs once per prompt; on the CPU it stays f32 even for bf16.
         let text_weights = Weights::open(
             &files.weights("text_encoder", "model", prefer_fp16)?,
             device,
-            dtype,
+            act_dtype,
         )?;
         let text_encoder = ClipTextModel::load(&text_weights, &text_config)?;
 
@@ -140,11 +149,12 @@ impl StableDiffusion {
             text_encoder,
             unet,
             vae,
-            vae_weights,
+            vae_weights: (dtype != DType::F32).then_some(vae_weights),
             scheduler_config,
             scheduler_path,
             device: device.clone(),
             dtype,
+            act_dtype,
         })
     }
 
@@ -272,7 +282,7 @@ impl StableDiffusion {
         on_step: &mut dyn FnMut(usize, usize),
     ) -> Result<Tensor> {
         let b = latents.dim(0)?;
-        let context = embeddings.batched(b)?.to_dtype(self.dtype)?;
+        let context = embeddings.batched(b)?.to_dtype(self.act_dtype)?;
         let cfg = embeddings.uncond.is_some();
         let timesteps = scheduler.timesteps().to_vec();
         let mut latents = latents;
@@ -284,7 +294,7 @@ impl StableDiffusion {
             };
             let model_input = scheduler
                 .scale_model_input(&model_input, i)?
-                .to_dtype(self.dtype)?;
+                .to_dtype(self.act_dtype)?;
             let pred = self
                 .unet
                 .forward(&model_input, t, &context)?
@@ -309,15 +319,14 @@ impl StableDiffusion {
     pub fn decode(&self, latents: &Tensor, on_event: &mut dyn FnMut(Event)) -> Result<Tensor> {
         let images = self
             .vae
-            .decode(&latents.to_dtype(self.dtype)?)?
+            .decode(&latents.to_dtype(self.act_dtype)?)?
             .to_dtype(DType::F32)?;
-        let images = if self.dtype != DType::F32 && !all_finite(&images)? {
+        let images = if let (Some(vae_weights), false) = (&self.vae_weights, all_finite(&images)?) {
             on_event(Event::Warning(format!(
                 "the VAE decode in {:?} produced NaN/inf values; decoding again in f32",
                 self.dtype
             )));
-            let vae32 =
-                VaeDecoder::load(&self.vae_weights.with_dtype(DType::F32), self.vae.config())?;
+            let vae32 = VaeDecoder::load(&vae_weights.with_dtype(DType::F32), self.vae.config())?;
             vae32.decode(&latents.to_dtype(DType::F32)?)?
         } else {
             images

@@ -8,7 +8,7 @@
 use std::path::Path;
 
 use candle_core::{DType, Module, Tensor};
-use candle_nn::{Embedding, LayerNorm, Linear};
+use candle_nn::Embedding;
 use serde_json::Value;
 use tokenizers::models::bpe::{Vocab, BPE};
 use tokenizers::normalizers::replace::ReplacePattern;
@@ -19,7 +19,7 @@ use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::processors::roberta::RobertaProcessing;
 use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
 
-use crate::model::layers::{layer_norm, linear};
+use crate::model::layers::{layer_norm, linear, LayerNorm, Linear};
 use crate::model::{ConfigFile, Weights};
 use crate::{Error, Result};
 
@@ -481,7 +481,7 @@ impl ClipAttention {
             .transpose(1, 2)?
             .reshape((b, seq, hidden))?
             .to_dtype(dtype)?;
-        Ok(self.out_proj.forward(&out)?)
+        self.out_proj.forward(&out)
     }
 }
 

@@ -3,7 +3,8 @@
 use std::time::Instant;
 
 use anyhow::{bail, Result};
-use latent::pipeline::Timings;
+use latent::kernels::profile;
+use latent::pipeline::{Event, Timings};
 
 use super::{load_model, sampling_for};
 use crate::cli::BenchArgs;
@@ -51,6 +52,8 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     )?;
     timings.text_encode = t.elapsed();
     let mut step_times = Vec::new();
+    let mut unet_profile = Vec::new();
+    profile::enable(args.profile);
     let mut last = Instant::now();
     model.render_batch(
         &embeddings,
@@ -60,8 +63,12 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         0,
         &mut timings,
         &mut |e| {
-            if let latent::pipeline::Event::Step { .. } = e {
+            if let Event::Step { step, steps, .. } = e {
                 step_times.push(last.elapsed().as_secs_f64());
+                if step == steps {
+                    unet_profile = profile::snapshot();
+                    profile::reset();
+                }
                 last = Instant::now();
             }
         },
@@ -76,6 +83,8 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     let mut sorted = steady.clone();
     sorted.sort_by(|a, b| a.total_cmp(b));
     let median = sorted.get(sorted.len() / 2).copied().unwrap_or(0.0);
+    let decode_profile = profile::snapshot();
+    profile::enable(false);
     let peak = peak_rss_bytes();
     let threads = candle_core::utils::get_num_threads();
     let record = serde_json::json!({
@@ -95,7 +104,16 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         "step_s_all": step_times,
         "decode_s": timings.decode.as_secs_f64(),
         "peak_rss_bytes": peak,
+        "kernels": latent::kernels::describe(),
     });
+    let mut record = record;
+    if args.profile {
+        let total_steps: f64 = step_times.iter().sum();
+        record["profile"] = serde_json::json!({
+            "unet": profile_json(&unet_profile, total_steps, step_times.len()),
+            "decode": profile_json(&decode_profile, timings.decode.as_secs_f64(), 1),
+        });
+    }
     if args.json {
         println!("{record}");
     } else {
@@ -120,6 +138,65 @@ pub fn bench(args: BenchArgs) -> Result<()> {
             Some(b) => println!("peak RSS     {:8.2} GB", b as f64 / 1e9),
             None => println!("peak RSS     unknown on this platform"),
         }
+        println!("kernels      {}", record["kernels"].as_str().unwrap_or(""));
+        if args.profile {
+            let total_steps: f64 = step_times.iter().sum();
+            print_profile(
+                "UNet, per step",
+                &unet_profile,
+                total_steps,
+                step_times.len(),
+            );
+            print_profile(
+                "VAE decode",
+                &decode_profile,
+                timings.decode.as_secs_f64(),
+                1,
+            );
+        }
     }
     Ok(())
+}
+
+/// Rows of a profile per call of the stage (`runs` steps), plus the time no kernel accounts for.
+fn profile_rows(entries: &[profile::Entry], total: f64, runs: usize) -> Vec<(String, f64, f64)> {
+    let runs = runs.max(1) as f64;
+    let mut rows: Vec<(String, f64, f64)> = entries
+        .iter()
+        .filter(|e| e.calls > 0)
+        .map(|e| {
+            let gflops = if e.seconds > 0.0 {
+                e.flops as f64 / e.seconds / 1e9
+            } else {
+                0.0
+            };
+            (e.op.name().to_string(), e.seconds / runs, gflops)
+        })
+        .collect();
+    let accounted: f64 = entries.iter().map(|e| e.seconds).sum();
+    rows.push((
+        "other (element-wise, copies)".into(),
+        ((total - accounted) / runs).max(0.0),
+        0.0,
+    ));
+    rows
+}
+
+fn print_profile(title: &str, entries: &[profile::Entry], total: f64, runs: usize) {
+    println!("\n{title}: {:.3} s", total / runs.max(1) as f64);
+    for (name, secs, gflops) in profile_rows(entries, total, runs) {
+        let share = 100.0 * secs * runs.max(1) as f64 / total.max(1e-12);
+        if gflops > 0.0 {
+            println!("  {name:<30}{secs:8.3} s {share:5.1}%  {gflops:6.1} GFLOP/s");
+        } else {
+            println!("  {name:<30}{secs:8.3} s {share:5.1}%");
+        }
+    }
+}
+
+fn profile_json(entries: &[profile::Entry], total: f64, runs: usize) -> serde_json::Value {
+    profile_rows(entries, total, runs)
+        .into_iter()
+        .map(|(name, secs, gflops)| serde_json::json!({"op": name, "s": secs, "gflops": gflops}))
+        .collect()
 }

@@ -1,21 +1,98 @@
 //! Building blocks shared by the UNet and the VAE, loaded from diffusers-named weights.
 //!
-//! Layers are plain candle ops for now; each is one place to swap in a faster kernel later.
-use candle_core::{DType, Module, Tensor, D};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, LayerNorm, Linear};
+//! Each layer holds its weights either as candle tensors (GPU devices, f16/bf16) and runs
+//! candle's ops, or, for f32 on the CPU, prepared for the project's own kernels
+//! (`crate::kernels`): convolution without a full im2col, products with weights laid out once,
+//! blocked attention, fused group norm + SiLU. Both paths compute the same function; the parity
+//! tests run the CPU one against diffusers.
+use candle_core::{DType, Device, Module, Tensor, D};
 
 use super::Weights;
+use crate::kernels::{self, matmul, profile, profile::Op};
 use crate::Result;
+
+/// Whether layers loaded from `w` run on the CPU kernels, and with which products: f32 weights
+/// in f32; bf16 weights (`--dtype bf16` on the CPU) as bf16 products with f32 activations.
+fn cpu_kernels(w: &Weights) -> Option<matmul::Precision> {
+    match (w.device(), w.dtype()) {
+        (Device::Cpu, DType::F32) => Some(matmul::Precision::F32),
+        (Device::Cpu, DType::BF16) => Some(matmul::Precision::Bf16),
+        _ => None,
+    }
+}
+
+/// `nn.Linear(in, out, bias)`.
+#[derive(Debug)]
+pub enum Linear {
+    Candle(candle_nn::Linear),
+    Cpu {
+        weight: matmul::Weight,
+        bias: Option<Vec<f32>>,
+    },
+}
 
 /// `nn.Linear(in, out, bias)` at `w`.
 pub fn linear(w: &Weights, in_dim: usize, out_dim: usize, bias: bool) -> Result<Linear> {
+    if let Some(precision) = cpu_kernels(w) {
+        let weight = w.get_host(&[out_dim, in_dim], "weight")?;
+        return Ok(Linear::Cpu {
+            weight: matmul::Weight::new(weight, out_dim, in_dim, matmul::Role::RhsT, precision),
+            bias: bias.then(|| w.get_host(&[out_dim], "bias")).transpose()?,
+        });
+    }
     let weight = w.get(&[out_dim, in_dim], "weight")?;
     let bias = if bias {
         Some(w.get(&[out_dim], "bias")?)
     } else {
         None
     };
-    Ok(Linear::new(weight, bias))
+    Ok(Linear::Candle(candle_nn::Linear::new(weight, bias)))
+}
+
+impl Linear {
+    /// (..., in) -> (..., out).
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        match self {
+            Linear::Candle(l) => {
+                let _p = profile::scope(Op::Linear, 0);
+                Ok(l.forward(xs)?)
+            }
+            Linear::Cpu { weight, bias } => {
+                let dims = xs.dims();
+                let in_dim = weight.in_dim();
+                let out_dim = weight.out_dim();
+                let rows = xs.elem_count() / in_dim.max(1);
+                let _p = profile::scope(Op::Linear, 2 * rows * in_dim * out_dim);
+                let mut out = kernels::zeros(rows * out_dim);
+                kernels::with_f32(xs, |x| {
+                    let lhs = matmul::View::rows(x, in_dim);
+                    let threads = kernels::threads();
+                    matmul::times_weight_t(
+                        lhs,
+                        rows,
+                        weight,
+                        &mut out,
+                        out_dim,
+                        bias.as_deref(),
+                        threads,
+                    );
+                    Ok(())
+                })?;
+                let mut shape = dims.to_vec();
+                *shape
+                    .last_mut()
+                    .expect("a linear input has a last dimension") = out_dim;
+                kernels::tensor(out, shape)
+            }
+        }
+    }
+}
+
+/// `nn.Conv2d(in, out, k, stride, padding)` with bias.
+#[derive(Debug)]
+pub enum Conv2d {
+    Candle(candle_nn::Conv2d),
+    Cpu(kernels::conv::Conv2d),
 }
 
 /// `nn.Conv2d(in, out, k, stride, padding)` with bias at `w`.
@@ -27,28 +104,173 @@ pub fn conv2d(
     stride: usize,
     padding: usize,
 ) -> Result<Conv2d> {
+    if let Some(precision) = cpu_kernels(w) {
+        return Ok(Conv2d::Cpu(kernels::conv::Conv2d::new(
+            w.get_host(&[out_ch, in_ch, kernel, kernel], "weight")?,
+            Some(w.get_host(&[out_ch], "bias")?),
+            (out_ch, in_ch, kernel),
+            stride,
+            padding,
+            precision,
+        )));
+    }
     let weight = w.get(&[out_ch, in_ch, kernel, kernel], "weight")?;
     let bias = w.get(&[out_ch], "bias")?;
-    let cfg = Conv2dConfig {
+    let cfg = candle_nn::Conv2dConfig {
         padding,
         stride,
         ..Default::default()
     };
-    Ok(Conv2d::new(weight, Some(bias), cfg))
+    Ok(Conv2d::Candle(candle_nn::Conv2d::new(
+        weight,
+        Some(bias),
+        cfg,
+    )))
+}
+
+impl Conv2d {
+    /// (b, in, h, w) -> (b, out, ho, wo).
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        match self {
+            Conv2d::Candle(c) => {
+                let op = if c.weight().dim(3)? == 1 {
+                    Op::Conv1x1
+                } else {
+                    Op::Conv3x3
+                };
+                let _p = profile::scope(op, 0);
+                Ok(c.forward(xs)?)
+            }
+            Conv2d::Cpu(c) => {
+                let (b, _, h, w) = xs.dims4()?;
+                let op = if c.kernel() == 1 {
+                    Op::Conv1x1
+                } else {
+                    Op::Conv3x3
+                };
+                let _p = profile::scope(op, c.flops(b, h, w));
+                let out = kernels::with_f32(xs, |x| Ok(c.forward(x, b, h, w, kernels::threads())))?;
+                let (ho, wo) = c.out_size(h, w);
+                kernels::tensor(out, (b, c.out_channels(), ho, wo))
+            }
+        }
+    }
+}
+
+/// `nn.GroupNorm(groups, channels, eps)`, with the SiLU that usually follows it fused.
+#[derive(Debug)]
+pub enum GroupNorm {
+    Candle(candle_nn::GroupNorm),
+    Cpu {
+        weight: Vec<f32>,
+        bias: Vec<f32>,
+        groups: usize,
+        eps: f64,
+    },
 }
 
 /// `nn.GroupNorm(groups, channels, eps)` at `w`.
 pub fn group_norm(w: &Weights, groups: usize, channels: usize, eps: f64) -> Result<GroupNorm> {
+    if cpu_kernels(w).is_some() {
+        return Ok(GroupNorm::Cpu {
+            weight: w.get_host(&[channels], "weight")?,
+            bias: w.get_host(&[channels], "bias")?,
+            groups,
+            eps,
+        });
+    }
     let weight = w.get(&[channels], "weight")?;
     let bias = w.get(&[channels], "bias")?;
-    Ok(GroupNorm::new(weight, bias, channels, groups, eps)?)
+    Ok(GroupNorm::Candle(candle_nn::GroupNorm::new(
+        weight, bias, channels, groups, eps,
+    )?))
+}
+
+impl GroupNorm {
+    /// (b, c, ...) -> (b, c, ...).
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.run(xs, false)
+    }
+
+    /// `silu(group_norm(xs))` in one pass on the CPU.
+    pub fn forward_silu(&self, xs: &Tensor) -> Result<Tensor> {
+        self.run(xs, true)
+    }
+
+    fn run(&self, xs: &Tensor, silu: bool) -> Result<Tensor> {
+        let _p = profile::scope(Op::GroupNorm, 0);
+        match self {
+            GroupNorm::Candle(n) => {
+                let y = n.forward(xs)?;
+                Ok(if silu { y.silu()? } else { y })
+            }
+            GroupNorm::Cpu {
+                weight,
+                bias,
+                groups,
+                eps,
+            } => {
+                let b = xs.dim(0)?;
+                let c = xs.dim(1)?;
+                let plane = xs.elem_count() / (b * c).max(1);
+                let out = kernels::with_f32(xs, |x| {
+                    Ok(kernels::norm::group_norm(
+                        x, b, c, plane, *groups, *eps, weight, bias, silu,
+                    ))
+                })?;
+                kernels::tensor(out, xs.shape().clone())
+            }
+        }
+    }
+}
+
+/// `nn.LayerNorm(dim, eps)` over the last dimension.
+#[derive(Debug)]
+pub enum LayerNorm {
+    Candle(candle_nn::LayerNorm),
+    Cpu {
+        weight: Vec<f32>,
+        bias: Vec<f32>,
+        eps: f64,
+    },
 }
 
 /// `nn.LayerNorm(dim, eps)` at `w`.
 pub fn layer_norm(w: &Weights, dim: usize, eps: f64) -> Result<LayerNorm> {
+    if cpu_kernels(w).is_some() {
+        return Ok(LayerNorm::Cpu {
+            weight: w.get_host(&[dim], "weight")?,
+            bias: w.get_host(&[dim], "bias")?,
+            eps,
+        });
+    }
     let weight = w.get(&[dim], "weight")?;
     let bias = w.get(&[dim], "bias")?;
-    Ok(LayerNorm::new(weight, bias, eps))
+    Ok(LayerNorm::Candle(candle_nn::LayerNorm::new(
+        weight, bias, eps,
+    )))
+}
+
+impl LayerNorm {
+    /// (..., dim) -> (..., dim).
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let _p = profile::scope(Op::LayerNorm, 0);
+        match self {
+            LayerNorm::Candle(n) => Ok(n.forward(xs)?),
+            LayerNorm::Cpu { weight, bias, eps } => {
+                let out = kernels::with_f32(xs, |x| {
+                    Ok(kernels::norm::layer_norm(
+                        x,
+                        weight.len(),
+                        *eps,
+                        weight,
+                        bias,
+                    ))
+                })?;
+                kernels::tensor(out, xs.shape().clone())
+            }
+        }
+    }
 }
 
 /// Scaled dot-product attention over (batch, heads, seq, head_dim) tensors; the softmax is
@@ -59,6 +281,19 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tenso
     let probs =
         candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(in_dtype)?;
     Ok(probs.matmul(v)?)
+}
+
+/// GEGLU on the last dimension: first half times the exact (erf) GELU of the second half.
+pub fn geglu(h: &Tensor) -> Result<Tensor> {
+    let half = h.dim(D::Minus1)? / 2;
+    let _p = profile::scope(Op::Geglu, 0);
+    if kernels::is_cpu_f32(h) {
+        let out = kernels::with_f32(h, |x| Ok(kernels::elementwise::geglu(x, half)))?;
+        let mut shape = h.dims().to_vec();
+        *shape.last_mut().expect("GEGLU input has a last dimension") = half;
+        return kernels::tensor(out, shape);
+    }
+    Ok((h.narrow(D::Minus1, 0, half)? * h.narrow(D::Minus1, half, half)?.gelu_erf()?)?)
 }
 
 /// Multi-head attention with diffusers' `Attention` weight names (`to_q`, `to_k`, `to_v`,
@@ -104,6 +339,37 @@ impl MultiHeadAttention {
         let context = context.unwrap_or(xs);
         let (b, n, _) = xs.dims3()?;
         let m = context.dim(1)?;
+        if kernels::is_cpu_f32(xs) {
+            let q = self.to_q.forward(xs)?;
+            let k = self.to_k.forward(context)?;
+            let v = self.to_v.forward(context)?;
+            let inner = q.dim(D::Minus1)?;
+            let dims = kernels::attention::Dims {
+                batch: b,
+                queries: n,
+                keys: m,
+                heads: self.heads,
+                head_dim: inner / self.heads,
+            };
+            let out = {
+                let _p = profile::scope(Op::Attention, dims.flops());
+                let out = kernels::with_f32(&q, |q| {
+                    kernels::with_f32(&k, |k| {
+                        kernels::with_f32(&v, |v| {
+                            Ok(kernels::attention::attention(
+                                q,
+                                k,
+                                v,
+                                dims,
+                                self.scale as f32,
+                            ))
+                        })
+                    })
+                })?;
+                kernels::tensor(out, (b, n, inner))?
+            };
+            return self.to_out.forward(&out);
+        }
         let split = |t: Tensor, len: usize| -> Result<Tensor> {
             let inner = t.dim(D::Minus1)?;
             Ok(t.reshape((b, len, self.heads, inner / self.heads))?
@@ -113,9 +379,12 @@ impl MultiHeadAttention {
         let q = split(self.to_q.forward(xs)?, n)?;
         let k = split(self.to_k.forward(context)?, m)?;
         let v = split(self.to_v.forward(context)?, m)?;
-        let out = attention(&q, &k, &v, self.scale)?;
+        let out = {
+            let _p = profile::scope(Op::Attention, 0);
+            attention(&q, &k, &v, self.scale)?
+        };
         let out = out.transpose(1, 2)?.reshape((b, n, ()))?;
-        Ok(self.to_out.forward(&out)?)
+        self.to_out.forward(&out)
     }
 }
 
@@ -173,7 +442,7 @@ impl ResnetBlock {
 
     /// xs: (b, in, h, w), temb: (b, temb_channels) -> (b, out, h, w).
     pub fn forward(&self, xs: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward(xs)?.silu()?)?;
+        let h = self.conv1.forward(&self.norm1.forward_silu(xs)?)?;
         let h = match (&self.time_emb_proj, temb) {
             (Some(proj), Some(temb)) => {
                 let t = proj.forward(&temb.silu()?)?.unsqueeze(2)?.unsqueeze(3)?;
@@ -181,7 +450,7 @@ impl ResnetBlock {
             }
             _ => h,
         };
-        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
         let shortcut = match &self.conv_shortcut {
             Some(c) => c.forward(xs)?,
             None => xs.clone(),
@@ -218,9 +487,9 @@ impl Downsample {
             let xs = xs
                 .pad_with_zeros(D::Minus1, 0, 1)?
                 .pad_with_zeros(D::Minus2, 0, 1)?;
-            Ok(self.conv.forward(&xs)?)
+            self.conv.forward(&xs)
         } else {
-            Ok(self.conv.forward(xs)?)
+            self.conv.forward(xs)
         }
     }
 }
@@ -244,6 +513,6 @@ impl Upsample {
         let (_, _, h, w) = xs.dims4()?;
         let (oh, ow) = size.unwrap_or((2 * h, 2 * w));
         let up = xs.upsample_nearest2d(oh, ow)?;
-        Ok(self.conv.forward(&up)?)
+        self.conv.forward(&up)
     }
 }

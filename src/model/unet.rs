@@ -1,12 +1,11 @@
 //! The denoiser: diffusers' `UNet2DConditionModel` as used by Stable Diffusion 1.x/2.x, built
 //! entirely from `unet/config.json`.
-use candle_core::{Device, Module, Tensor, D};
-use candle_nn::{Conv2d, GroupNorm, LayerNorm, Linear};
+use candle_core::{Device, Tensor};
 
 use super::config::{UNetBlockConfig, UNetConfig};
 use super::layers::{
-    conv2d, group_norm, layer_norm, linear, Downsample, MultiHeadAttention, ResnetBlock,
-    ResnetConfig, Upsample,
+    conv2d, geglu, group_norm, layer_norm, linear, Conv2d, Downsample, GroupNorm, LayerNorm,
+    Linear, MultiHeadAttention, ResnetBlock, ResnetConfig, Upsample,
 };
 use super::Weights;
 use crate::Result;
@@ -86,10 +85,8 @@ impl TransformerBlock {
             .forward(&self.norm2.forward(&xs)?, Some(context))?
             + &xs)?;
         let h = self.ff_proj.forward(&self.norm3.forward(&xs)?)?;
-        let half = h.dim(D::Minus1)? / 2;
         // GEGLU with the exact (erf) GELU, as torch's F.gelu.
-        let gated =
-            (h.narrow(D::Minus1, 0, half)? * h.narrow(D::Minus1, half, half)?.gelu_erf()?)?;
+        let gated = geglu(&h)?;
         Ok((self.ff_out.forward(&gated)? + xs)?)
     }
 }
@@ -442,7 +439,7 @@ impl UNet {
         }
 
         // 6. post-process
-        let xs = self.conv_norm_out.forward(&xs)?.silu()?;
-        Ok(self.conv_out.forward(&xs)?)
+        let xs = self.conv_norm_out.forward_silu(&xs)?;
+        self.conv_out.forward(&xs)
     }
 }

@@ -1,9 +1,10 @@
 //! The image decoder: diffusers' `AutoencoderKL` decoder half, built from `vae/config.json`.
-use candle_core::{Module, Tensor};
-use candle_nn::{Conv2d, GroupNorm};
+use candle_core::Tensor;
 
 use super::config::VaeConfig;
-use super::layers::{conv2d, group_norm, MultiHeadAttention, ResnetBlock, ResnetConfig, Upsample};
+use super::layers::{
+    conv2d, group_norm, Conv2d, GroupNorm, MultiHeadAttention, ResnetBlock, ResnetConfig, Upsample,
+};
 use super::Weights;
 use crate::Result;
 
@@ -166,7 +167,7 @@ impl VaeDecoder {
                 xs = u.forward(&xs, None)?;
             }
         }
-        let xs = self.conv_norm_out.forward(&xs)?.silu()?;
-        Ok(self.conv_out.forward(&xs)?)
+        let xs = self.conv_norm_out.forward_silu(&xs)?;
+        self.conv_out.forward(&xs)
     }
 }

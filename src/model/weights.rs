@@ -148,6 +148,68 @@ impl Weights {
         self.load(&full, info)
     }
 
+    /// Loads tensor `name`, checking that its shape is `shape`, as f32 values in host memory
+    /// (converted from the file's dtype in one pass), for the CPU kernels.
+    pub fn get_host(&self, shape: &[usize], name: &str) -> Result<Vec<f32>> {
+        let full = self.full_name(name);
+        let info = self.info(&full)?;
+        if info.shape != shape {
+            return Err(Error::TensorShape {
+                path: self.file.path.clone(),
+                name: full,
+                expected: shape.to_vec(),
+                found: info.shape.clone(),
+            });
+        }
+        let (dtype, bytes) = self.raw(&full, info)?;
+        let values = match dtype {
+            DType::F32 => bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            DType::F16 => bytes
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            DType::BF16 => bytes
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            _ => bytes
+                .chunks_exact(8)
+                .map(|b| f64::from_le_bytes(b.try_into().expect("8-byte chunk")) as f32)
+                .collect(),
+        };
+        self.release(info.data_offsets);
+        Ok(values)
+    }
+
+    /// Drops the mapped pages of a tensor that has been copied out from this process's resident
+    /// memory (they stay in the page cache), so loading does not hold the file and the copy at
+    /// once.
+    fn release(&self, (start, end): (usize, usize)) {
+        #[cfg(unix)]
+        {
+            const PAGE: usize = 4096;
+            let lo = (self.file.data_start + start).div_ceil(PAGE) * PAGE;
+            let hi = (self.file.data_start + end) / PAGE * PAGE;
+            if hi > lo {
+                // SAFETY: the map is a read-only shared file mapping, so MADV_DONTNEED only
+                // makes later reads fetch the same bytes from the file again; no reference into
+                // this range outlives the copy made just before.
+                let _ = unsafe {
+                    self.file.mmap.unchecked_advise_range(
+                        memmap2::UncheckedAdvice::DontNeed,
+                        lo,
+                        hi - lo,
+                    )
+                };
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = (start, end);
+    }
+
     /// Loads tensor `name` whatever its shape.
     pub fn get_any_shape(&self, name: &str) -> Result<Tensor> {
         let full = self.full_name(name);
@@ -166,6 +228,13 @@ impl Weights {
     }
 
     fn load(&self, full: &str, info: &TensorInfo) -> Result<Tensor> {
+        let (dtype, bytes) = self.raw(full, info)?;
+        let t = Tensor::from_raw_buffer(bytes, dtype, &info.shape, &Device::Cpu)?;
+        Ok(t.to_dtype(self.dtype)?.to_device(&self.device)?)
+    }
+
+    /// The dtype and bytes of a tensor in the file, checked against its shape.
+    fn raw(&self, full: &str, info: &TensorInfo) -> Result<(DType, &[u8])> {
         let dtype = match info.dtype {
             StDtype::F32 => DType::F32,
             StDtype::F16 => DType::F16,
@@ -191,7 +260,6 @@ impl Weights {
                 ),
             });
         }
-        let t = Tensor::from_raw_buffer(bytes, dtype, &info.shape, &Device::Cpu)?;
-        Ok(t.to_dtype(self.dtype)?.to_device(&self.device)?)
+        Ok((dtype, bytes))
     }
 }

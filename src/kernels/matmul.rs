@@ -1,0 +1,375 @@
+//! Matrix products on f32 slices: the one place that picks the GEMM implementation.
+//!
+//! Weights are prepared once at load ([`Weight`]) in the layout the product wants; activations
+//! are strided views. Rows of the destination have stride `dst_rs`, columns stride 1.
+//! In f32 the products run on the `gemm` crate (its AVX-512 kernels where the CPU has them); in
+//! bf16 the weights are stored packed as bf16 and the activations rounded to bf16 while packing,
+//! with f32 accumulation, on AMX or AVX512-BF16 where available ([`super::bf16`]).
+use super::bf16;
+/// A strided read-only matrix view: element (i, j) is `data[i * rs + j * cs]`.
+#[derive(Debug, Clone, Copy)]
+pub struct View<'a> {
+    pub data: &'a [f32],
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl<'a> View<'a> {
+    /// A row-major view with row stride `rs`.
+    pub fn rows(data: &'a [f32], rs: usize) -> Self {
+        Self { data, rs, cs: 1 }
+    }
+}
+
+/// The role a weight plays, fixed at load: `Lhs` for `W (m x k) * X` (convolutions, channels
+/// first), `RhsT` for `X * W^T` with `W` stored `(n x k)` (linear layers, tokens first).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Lhs,
+    RhsT,
+}
+
+/// Number format of the products with a weight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    F32,
+    /// bf16 inputs, f32 accumulation and output.
+    Bf16,
+}
+
+/// A weight matrix prepared for products, `rows x cols` as stored (`out x in` for both roles).
+#[derive(Debug)]
+pub struct Weight {
+    rows: usize,
+    cols: usize,
+    role: Role,
+    repr: Repr,
+}
+
+#[derive(Debug)]
+enum Repr {
+    F32(Vec<f32>),
+    Bf16Lhs(bf16::PackedLhs),
+    Bf16Rhs(bf16::PackedRhs),
+}
+
+impl Weight {
+    /// Prepares a row-major `rows x cols` weight (`out x in`) for `role` in `precision`.
+    pub fn new(data: Vec<f32>, rows: usize, cols: usize, role: Role, precision: Precision) -> Self {
+        assert_eq!(data.len(), rows * cols);
+        let repr = match (precision, role) {
+            (Precision::F32, _) => Repr::F32(data),
+            (Precision::Bf16, Role::Lhs) => Repr::Bf16Lhs(
+                bf16::PackedLhs::pack(rows, cols, &data, cols, 1)
+                    .expect("the view covers the weight it was made from"),
+            ),
+            // W^T (cols x rows): element (k, j) is W[j][k].
+            (Precision::Bf16, Role::RhsT) => Repr::Bf16Rhs(
+                bf16::PackedRhs::pack(cols, rows, &data, 1, cols)
+                    .expect("the view covers the weight it was made from"),
+            ),
+        };
+        Self {
+            rows,
+            cols,
+            role,
+            repr,
+        }
+    }
+
+    /// Output features (`out`).
+    pub fn out_dim(&self) -> usize {
+        self.rows
+    }
+
+    /// Input features (`in`, or `in * kh * kw` for a convolution).
+    pub fn in_dim(&self) -> usize {
+        self.cols
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        match &self.repr {
+            Repr::F32(d) => d.len() * 4,
+            Repr::Bf16Lhs(p) => p.bytes(),
+            Repr::Bf16Rhs(p) => p.bytes(),
+        }
+    }
+}
+
+/// `dst (out x n) [+]= W * rhs (in x n) [+ bias per row]`, for a [`Role::Lhs`] weight.
+pub fn weight_times(
+    w: &Weight,
+    rhs: View,
+    n: usize,
+    dst: &mut [f32],
+    dst_rs: usize,
+    bias: Option<&[f32]>,
+    threads: usize,
+) {
+    assert_eq!(w.role, Role::Lhs);
+    match &w.repr {
+        Repr::F32(data) => {
+            let lhs = View::rows(data, w.cols);
+            if let Some(b) = bias {
+                fill_rows(dst, dst_rs, w.rows, n, |i| b[i]);
+            }
+            gemm_f32(
+                w.rows,
+                n,
+                w.cols,
+                lhs,
+                rhs,
+                dst,
+                dst_rs,
+                bias.is_some(),
+                threads,
+            );
+        }
+        Repr::Bf16Lhs(p) => {
+            let rhs = bf16::Rhs::Strided {
+                data: rhs.data,
+                rs: rhs.rs,
+                cs: rhs.cs,
+            };
+            let bias = bias.map_or(bf16::Bias::None, bf16::Bias::PerRow);
+            bf16::gemm_bf16(
+                w.rows,
+                n,
+                w.cols,
+                bf16::Lhs::Packed(p),
+                rhs,
+                dst,
+                dst_rs,
+                false,
+                bias,
+                threads,
+            )
+            .expect("shapes were checked by the caller");
+        }
+        Repr::Bf16Rhs(_) => unreachable!("a Lhs weight is packed as Bf16Lhs"),
+    }
+}
+
+/// `dst (m x out) = lhs (m x in) * W^T [+ bias per column]`, for a [`Role::RhsT`] weight.
+pub fn times_weight_t(
+    lhs: View,
+    m: usize,
+    w: &Weight,
+    dst: &mut [f32],
+    dst_rs: usize,
+    bias: Option<&[f32]>,
+    threads: usize,
+) {
+    assert_eq!(w.role, Role::RhsT);
+    match &w.repr {
+        Repr::F32(data) => {
+            let rhs = View {
+                data,
+                rs: 1,
+                cs: w.cols,
+            };
+            if let Some(b) = bias {
+                for i in 0..m {
+                    dst[i * dst_rs..i * dst_rs + w.rows].copy_from_slice(b);
+                }
+            }
+            gemm_f32(
+                m,
+                w.rows,
+                w.cols,
+                lhs,
+                rhs,
+                dst,
+                dst_rs,
+                bias.is_some(),
+                threads,
+            );
+        }
+        Repr::Bf16Rhs(p) => {
+            let lhs = bf16::Lhs::Strided {
+                data: lhs.data,
+                rs: lhs.rs,
+                cs: lhs.cs,
+            };
+            let bias = bias.map_or(bf16::Bias::None, bf16::Bias::PerCol);
+            bf16::gemm_bf16(
+                m,
+                w.rows,
+                w.cols,
+                lhs,
+                bf16::Rhs::Packed(p),
+                dst,
+                dst_rs,
+                false,
+                bias,
+                threads,
+            )
+            .expect("shapes were checked by the caller");
+        }
+        Repr::Bf16Lhs(_) => unreachable!("a RhsT weight is packed as Bf16Rhs"),
+    }
+}
+
+fn fill_rows(dst: &mut [f32], rs: usize, m: usize, n: usize, value: impl Fn(usize) -> f32) {
+    for i in 0..m {
+        dst[i * rs..i * rs + n].fill(value(i));
+    }
+}
+
+/// `dst (m x n) [+]= lhs (m x k) * rhs (k x n)` on strided views; `threads` 1 runs on the
+/// calling thread.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_f32(
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs: View,
+    rhs: View,
+    dst: &mut [f32],
+    dst_rs: usize,
+    accumulate: bool,
+    threads: usize,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(
+        m == 0 || dst.len() >= (m - 1) * dst_rs + n,
+        "gemm: destination too small"
+    );
+    assert!(
+        k == 0 || lhs.data.len() > (m - 1) * lhs.rs + (k - 1) * lhs.cs,
+        "gemm: lhs too small"
+    );
+    assert!(
+        k == 0 || rhs.data.len() > (k - 1) * rhs.rs + (n - 1) * rhs.cs,
+        "gemm: rhs too small"
+    );
+    if k == 0 {
+        if !accumulate {
+            fill_rows(dst, dst_rs, m, n, |_| 0.0);
+        }
+        return;
+    }
+    let parallelism = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the asserts above check that every index the product reads or writes lies inside
+    // the slices; the destination is borrowed mutably, so nothing else aliases it.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            accumulate,
+            lhs.data.as_ptr(),
+            lhs.cs as isize,
+            lhs.rs as isize,
+            rhs.data.as_ptr(),
+            rhs.cs as isize,
+            rhs.rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(m: usize, n: usize, k: usize, a: View, b: View) -> Vec<f64> {
+        let mut out = vec![0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                for p in 0..k {
+                    out[i * n + j] +=
+                        a.data[i * a.rs + p * a.cs] as f64 * b.data[p * b.rs + j * b.cs] as f64;
+                }
+            }
+        }
+        out
+    }
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        (0..n)
+            .map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 500.0 - 1.0)
+            .collect()
+    }
+
+    #[test]
+    fn gemm_matches_naive_on_odd_shapes_and_strides() {
+        for &(m, n, k) in &[
+            (1, 1, 1),
+            (3, 17, 5),
+            (17, 3, 33),
+            (33, 31, 15),
+            (100, 7, 257),
+        ] {
+            let a = values(m * k, 1);
+            let b = values(k * n, 2);
+            // a row-major, b transposed through strides
+            let av = View::rows(&a, k);
+            let bv = View {
+                data: &b,
+                rs: 1,
+                cs: k,
+            };
+            let want = naive(m, n, k, av, bv);
+            for threads in [1, 2] {
+                let mut dst = vec![0.5f32; m * (n + 2)];
+                gemm_f32(m, n, k, av, bv, &mut dst, n + 2, false, threads);
+                for i in 0..m {
+                    for j in 0..n {
+                        let d = (dst[i * (n + 2) + j] as f64 - want[i * n + j]).abs();
+                        assert!(d <= 1e-5 * (k as f64).sqrt() * 4.0, "{m}x{n}x{k}: {d}");
+                    }
+                    assert_eq!(dst[i * (n + 2) + n], 0.5, "padding column touched");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn weight_products_add_bias_and_transpose() {
+        let (out, inp, n) = (5, 7, 3);
+        let w = values(out * inp, 3);
+        let x = values(inp * n, 4);
+        let bias = values(out, 5);
+        let lhs = Weight::new(w.clone(), out, inp, Role::Lhs, Precision::F32);
+        let mut dst = vec![0f32; out * n];
+        weight_times(&lhs, View::rows(&x, n), n, &mut dst, n, Some(&bias), 1);
+        let want = naive(out, n, inp, View::rows(&w, inp), View::rows(&x, n));
+        for i in 0..out {
+            for j in 0..n {
+                let d = (dst[i * n + j] as f64 - want[i * n + j] - bias[i] as f64).abs();
+                assert!(d < 1e-5);
+            }
+        }
+        // tokens-first: x^T (n x inp) * W^T
+        let rhs_t = Weight::new(w.clone(), out, inp, Role::RhsT, Precision::F32);
+        let xt = View {
+            data: &x,
+            rs: 1,
+            cs: n,
+        };
+        let mut dst = vec![0f32; n * out];
+        times_weight_t(xt, n, &rhs_t, &mut dst, out, Some(&bias), 2);
+        for j in 0..n {
+            for i in 0..out {
+                let d = (dst[j * out + i] as f64 - want[i * n + j] - bias[i] as f64).abs();
+                assert!(d < 1e-5);
+            }
+        }
+    }
+}

@@ -1,0 +1,79 @@
+//! CPU kernels for the operations where a Stable Diffusion step spends its time: convolution
+//! (im2col in bounded chunks, or none for 1x1), matrix products with weights packed once at load,
+//! attention without a full score matrix per head, fused group norm + SiLU, and the GEGLU gate.
+//!
+//! They work on plain `f32` slices; `model::layers` decides per call whether a tensor can take
+//! this path (contiguous f32 on the CPU) and otherwise uses candle's own ops, so CUDA and Metal
+//! keep candle's kernels. Every kernel has a test against a naive reference in its own file.
+pub mod attention;
+pub mod bf16;
+pub mod conv;
+pub mod elementwise;
+pub mod matmul;
+pub mod norm;
+pub mod profile;
+mod simd;
+
+use candle_core::{CpuStorage, DType, Device, Layout, Shape, Storage, Tensor};
+
+use crate::Result;
+
+/// Number of worker threads kernels may split work across (rayon's pool size, which follows
+/// `RAYON_NUM_THREADS` like candle's own CPU ops).
+pub fn threads() -> usize {
+    rayon::current_num_threads().max(1)
+}
+
+/// What the CPU kernels run on here, for benchmark records: the f32 GEMM's instruction set and
+/// the bf16 backend.
+pub fn describe() -> String {
+    #[cfg(target_arch = "x86_64")]
+    let f32_isa = if std::is_x86_feature_detected!("avx512f") {
+        "avx512"
+    } else if std::is_x86_feature_detected!("fma") {
+        "avx2+fma"
+    } else {
+        "sse"
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let f32_isa = std::env::consts::ARCH;
+    format!("f32 gemm {f32_isa}, bf16 {}", bf16::backend())
+}
+
+/// Whether `t` can use the CPU kernels: an f32 tensor on the CPU.
+pub fn is_cpu_f32(t: &Tensor) -> bool {
+    matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32
+}
+
+/// Runs `f` on the contiguous f32 data of a CPU tensor (made contiguous first if needed).
+pub fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let owned;
+    let t = if t.is_contiguous() {
+        t
+    } else {
+        owned = t.contiguous()?;
+        &owned
+    };
+    let (storage, layout): (_, &Layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(CpuStorage::F32(data)) => {
+            let start = layout.start_offset();
+            f(&data[start..start + layout.shape().elem_count()])
+        }
+        _ => Err(crate::Error::InvalidInput(format!(
+            "internal: CPU f32 kernel called on a {:?} tensor on {:?}",
+            t.dtype(),
+            t.device()
+        ))),
+    }
+}
+
+/// Wraps a vector as a CPU tensor of `shape` without copying.
+pub fn tensor(data: Vec<f32>, shape: impl Into<Shape>) -> Result<Tensor> {
+    Ok(Tensor::from_vec(data, shape.into(), &Device::Cpu)?)
+}
+
+/// An uninitialised-free output buffer of `n` zeros.
+pub(crate) fn zeros(n: usize) -> Vec<f32> {
+    vec![0f32; n]
+}
