@@ -28,13 +28,14 @@ pub struct Conv2d {
 impl Conv2d {
     /// `weight` is (out, in, k, k) row-major, `bias` (out).
     pub fn new(
-        weight: Vec<f32>,
+        weight: impl Into<super::HostF32>,
         bias: Option<Vec<f32>>,
         (out_ch, in_ch, kernel): (usize, usize, usize),
         stride: usize,
         padding: usize,
         precision: Precision,
     ) -> Self {
+        let weight = weight.into();
         assert_eq!(weight.len(), out_ch * in_ch * kernel * kernel);
         assert!(stride > 0 && kernel > 0);
         Self {

@@ -5,7 +5,7 @@
 //! In f32 the products run on the `gemm` crate (its AVX-512 kernels where the CPU has them); in
 //! bf16 the weights are stored packed as bf16 and the activations rounded to bf16 while packing,
 //! with f32 accumulation, on AMX or AVX512-BF16 where available ([`super::bf16`]).
-use super::bf16;
+use super::{bf16, HostF32};
 /// A strided read-only matrix view: element (i, j) is `data[i * rs + j * cs]`.
 #[derive(Debug, Clone, Copy)]
 pub struct View<'a> {
@@ -48,14 +48,21 @@ pub struct Weight {
 
 #[derive(Debug)]
 enum Repr {
-    F32(Vec<f32>),
+    F32(HostF32),
     Bf16Lhs(bf16::PackedLhs),
     Bf16Rhs(bf16::PackedRhs),
 }
 
 impl Weight {
     /// Prepares a row-major `rows x cols` weight (`out x in`) for `role` in `precision`.
-    pub fn new(data: Vec<f32>, rows: usize, cols: usize, role: Role, precision: Precision) -> Self {
+    pub fn new(
+        data: impl Into<HostF32>,
+        rows: usize,
+        cols: usize,
+        role: Role,
+        precision: Precision,
+    ) -> Self {
+        let data = data.into();
         assert_eq!(data.len(), rows * cols);
         let repr = match (precision, role) {
             (Precision::F32, _) => Repr::F32(data),
@@ -90,7 +97,9 @@ impl Weight {
     /// Bytes held.
     pub fn bytes(&self) -> usize {
         match &self.repr {
-            Repr::F32(d) => d.len() * 4,
+            Repr::F32(HostF32::Owned(d)) => d.len() * 4,
+            // Mapped file pages: resident, but shared with the page cache, not allocated.
+            Repr::F32(HostF32::Shared { len, .. }) => len * 4,
             Repr::Bf16Lhs(p) => p.bytes(),
             Repr::Bf16Rhs(p) => p.bytes(),
         }

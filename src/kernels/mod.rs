@@ -14,9 +14,75 @@ pub mod norm;
 pub mod profile;
 mod simd;
 
+use std::sync::Arc;
+
 use candle_core::{CpuStorage, DType, Device, Layout, Shape, Storage, Tensor};
 
 use crate::Result;
+
+/// f32 values in host memory: owned, or read in place from a shared byte buffer (a weight
+/// file mapped into memory, so loading copies nothing).
+pub enum HostF32 {
+    Owned(Vec<f32>),
+    Shared {
+        bytes: Arc<dyn AsRef<[u8]> + Send + Sync>,
+        offset: usize,
+        len: usize,
+    },
+}
+
+impl HostF32 {
+    /// `len` little-endian f32 values at `offset` of `bytes`, when they lie inside it, are
+    /// 4-byte aligned in memory and this machine is little-endian; else None.
+    pub fn shared(
+        bytes: Arc<dyn AsRef<[u8]> + Send + Sync>,
+        offset: usize,
+        len: usize,
+    ) -> Option<Self> {
+        let b = (*bytes).as_ref();
+        let fits = offset
+            .checked_add(len * 4)
+            .is_some_and(|end| end <= b.len());
+        let aligned = (b.as_ptr() as usize + offset).is_multiple_of(std::mem::align_of::<f32>());
+        (fits && aligned && cfg!(target_endian = "little")).then_some(HostF32::Shared {
+            bytes,
+            offset,
+            len,
+        })
+    }
+}
+
+impl std::ops::Deref for HostF32 {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        match self {
+            HostF32::Owned(v) => v,
+            HostF32::Shared { bytes, offset, len } => {
+                let b = &(**bytes).as_ref()[*offset..*offset + *len * 4];
+                // SAFETY: `shared` checked that the range is inside the buffer and 4-byte
+                // aligned; any bit pattern is a valid f32; the buffer is immutable and kept
+                // alive by the Arc for as long as this borrow.
+                unsafe { std::slice::from_raw_parts(b.as_ptr().cast::<f32>(), *len) }
+            }
+        }
+    }
+}
+
+impl From<Vec<f32>> for HostF32 {
+    fn from(v: Vec<f32>) -> Self {
+        HostF32::Owned(v)
+    }
+}
+
+impl std::fmt::Debug for HostF32 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match self {
+            HostF32::Owned(_) => "owned",
+            HostF32::Shared { .. } => "mapped",
+        };
+        write!(f, "HostF32({} values, {kind})", self.len())
+    }
+}
 
 /// Number of worker threads kernels may split work across (rayon's pool size, which follows
 /// `RAYON_NUM_THREADS` like candle's own CPU ops).

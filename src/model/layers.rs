@@ -34,7 +34,7 @@ pub enum Linear {
 /// `nn.Linear(in, out, bias)` at `w`.
 pub fn linear(w: &Weights, in_dim: usize, out_dim: usize, bias: bool) -> Result<Linear> {
     if let Some(precision) = cpu_kernels(w) {
-        let weight = w.get_host(&[out_dim, in_dim], "weight")?;
+        let weight = w.get_mapped(&[out_dim, in_dim], "weight")?;
         return Ok(Linear::Cpu {
             weight: matmul::Weight::new(weight, out_dim, in_dim, matmul::Role::RhsT, precision),
             bias: bias.then(|| w.get_host(&[out_dim], "bias")).transpose()?,
@@ -106,7 +106,7 @@ pub fn conv2d(
 ) -> Result<Conv2d> {
     if let Some(precision) = cpu_kernels(w) {
         return Ok(Conv2d::Cpu(kernels::conv::Conv2d::new(
-            w.get_host(&[out_ch, in_ch, kernel, kernel], "weight")?,
+            w.get_mapped(&[out_ch, in_ch, kernel, kernel], "weight")?,
             Some(w.get_host(&[out_ch], "bias")?),
             (out_ch, in_ch, kernel),
             stride,
