@@ -7,6 +7,7 @@ use clap::Parser;
 
 fn main() -> std::process::ExitCode {
     let cli = cli::Cli::parse();
+    latent::kernels::keep_freed_memory();
     let result = match cli.command {
         cli::Command::Generate(args) => commands::generate(*args),
         cli::Command::Batch(args) => commands::batch(*args),

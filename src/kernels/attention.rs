@@ -5,7 +5,7 @@
 //! takes a block of query rows of one image, and for every head computes the block's scores
 //! against all keys, an exact softmax (max subtracted, f32) and the product with the values,
 //! written straight into the output columns of that head. Only one block of scores per thread
-//! exists at a time (about 1 MB), instead of a tokens x tokens matrix per head.
+//! exists at a time (at most 4 MB), instead of a tokens x tokens matrix per head.
 use std::cell::RefCell;
 
 use rayon::prelude::*;
@@ -13,8 +13,8 @@ use rayon::prelude::*;
 use super::matmul::{gemm_f32, View};
 use super::simd;
 
-/// Scores per block, in floats (1 MB).
-const BLOCK_FLOATS: usize = 1 << 18;
+/// Scores per block, in floats (4 MB).
+const BLOCK_FLOATS: usize = 1 << 20;
 
 /// Shapes of one attention call.
 #[derive(Debug, Clone, Copy)]

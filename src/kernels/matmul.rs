@@ -261,13 +261,72 @@ pub fn gemm_f32(
         }
         return;
     }
-    let parallelism = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
+    // Split the rows over the threads ourselves, each block a single-threaded product: every
+    // thread packs its own copy of the right-hand operand (a small cost next to the product)
+    // and the destination blocks are disjoint slices.
+    let blocks = if m >= 2 * MIN_ROWS_PER_THREAD && 2 * m * n * k >= MIN_PARALLEL_FLOPS {
+        threads.clamp(1, m / MIN_ROWS_PER_THREAD)
     } else {
-        gemm::Parallelism::None
+        1
     };
-    // SAFETY: the asserts above check that every index the product reads or writes lies inside
-    // the slices; the destination is borrowed mutably, so nothing else aliases it.
+    if blocks <= 1 {
+        gemm_serial(m, n, k, lhs, rhs, dst, dst_rs, accumulate);
+        return;
+    }
+    let rows_per = m.div_ceil(blocks);
+    let mut parts = Vec::with_capacity(blocks);
+    let mut rest = &mut dst[..(m - 1) * dst_rs + n];
+    let mut r0 = 0;
+    while r0 < m {
+        let rows = rows_per.min(m - r0);
+        let take = if r0 + rows < m {
+            rows * dst_rs
+        } else {
+            rest.len()
+        };
+        let (part, tail) = rest.split_at_mut(take);
+        parts.push((r0, rows, part));
+        rest = tail;
+        r0 += rows;
+    }
+    use rayon::prelude::*;
+    parts.into_par_iter().for_each(|(r0, rows, part)| {
+        let lhs = View {
+            data: &lhs.data[r0 * lhs.rs..],
+            ..lhs
+        };
+        gemm_serial(rows, n, k, lhs, rhs, part, dst_rs, accumulate);
+    });
+}
+
+/// Products smaller than this run on one thread.
+const MIN_PARALLEL_FLOPS: usize = 4 << 20;
+/// Row blocks smaller than this are not worth a thread of their own.
+const MIN_ROWS_PER_THREAD: usize = 16;
+
+/// One single-threaded product; the views and `dst` were checked by [`gemm_f32`].
+#[allow(clippy::too_many_arguments)]
+fn gemm_serial(
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs: View,
+    rhs: View,
+    dst: &mut [f32],
+    dst_rs: usize,
+    accumulate: bool,
+) {
+    assert!(
+        dst.len() > (m - 1) * dst_rs + n - 1,
+        "gemm: destination too small"
+    );
+    assert!(
+        lhs.data.len() > (m - 1) * lhs.rs + (k - 1) * lhs.cs,
+        "gemm: lhs too small"
+    );
+    // SAFETY: the asserts (here and in gemm_f32) check that every index the product reads or
+    // writes lies inside the slices; the destination is borrowed mutably, so nothing else
+    // aliases it.
     unsafe {
         gemm::gemm(
             m,
@@ -288,7 +347,7 @@ pub fn gemm_f32(
             false,
             false,
             false,
-            parallelism,
+            gemm::Parallelism::None,
         );
     }
 }
@@ -324,6 +383,8 @@ mod tests {
             (17, 3, 33),
             (33, 31, 15),
             (100, 7, 257),
+            // large enough to split over threads, uneven row blocks
+            (201, 65, 300),
         ] {
             let a = values(m * k, 1);
             let b = values(k * n, 2);

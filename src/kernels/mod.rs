@@ -84,6 +84,19 @@ impl std::fmt::Debug for HostF32 {
     }
 }
 
+/// Tells glibc's allocator to keep freed memory for reuse instead of returning large blocks
+/// to the kernel: every layer allocates tens of MB of activations, and fresh pages cost a page
+/// fault and zeroing each time (a third of the VAE decode's element-wise time). Called once by
+/// the command-line program; a library user decides for their own process.
+pub fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator tuning parameters.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
+}
+
 /// Number of worker threads kernels may split work across (rayon's pool size, which follows
 /// `RAYON_NUM_THREADS` like candle's own CPU ops).
 pub fn threads() -> usize {

@@ -21,6 +21,19 @@ fn cpu_kernels(w: &Weights) -> Option<matmul::Precision> {
     }
 }
 
+/// A matrix weight for the kernels: read in place from the mapped file for f32 products, or
+/// copied out (and the file's pages released) when it is about to be packed as bf16.
+fn host_weight(
+    w: &Weights,
+    precision: matmul::Precision,
+    shape: &[usize],
+) -> Result<kernels::HostF32> {
+    match precision {
+        matmul::Precision::F32 => w.get_mapped(shape, "weight"),
+        matmul::Precision::Bf16 => Ok(w.get_host(shape, "weight")?.into()),
+    }
+}
+
 /// `nn.Linear(in, out, bias)`.
 #[derive(Debug)]
 pub enum Linear {
@@ -34,7 +47,7 @@ pub enum Linear {
 /// `nn.Linear(in, out, bias)` at `w`.
 pub fn linear(w: &Weights, in_dim: usize, out_dim: usize, bias: bool) -> Result<Linear> {
     if let Some(precision) = cpu_kernels(w) {
-        let weight = w.get_mapped(&[out_dim, in_dim], "weight")?;
+        let weight = host_weight(w, precision, &[out_dim, in_dim])?;
         return Ok(Linear::Cpu {
             weight: matmul::Weight::new(weight, out_dim, in_dim, matmul::Role::RhsT, precision),
             bias: bias.then(|| w.get_host(&[out_dim], "bias")).transpose()?,
@@ -106,7 +119,7 @@ pub fn conv2d(
 ) -> Result<Conv2d> {
     if let Some(precision) = cpu_kernels(w) {
         return Ok(Conv2d::Cpu(kernels::conv::Conv2d::new(
-            w.get_mapped(&[out_ch, in_ch, kernel, kernel], "weight")?,
+            host_weight(w, precision, &[out_ch, in_ch, kernel, kernel])?,
             Some(w.get_host(&[out_ch], "bias")?),
             (out_ch, in_ch, kernel),
             stride,
