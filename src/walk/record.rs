@@ -500,6 +500,22 @@ fn remove_all(paths: &[PathBuf]) -> Result<()> {
 mod tests {
     use super::*;
     use crate::noise::RngKind;
+
+    #[test]
+    fn frame_times_read_back_bit_equal() {
+        // Resume compares each frame's eased t bit for bit with walk.json: the JSON reader
+        // must give back exactly the f64 that was written (serde_json's float_roundtrip).
+        for n in 1..64u32 {
+            for i in 0..n {
+                let t = i as f64 / n as f64;
+                for x in [t, t * t * (3.0 - 2.0 * t)] {
+                    let back: f64 =
+                        serde_json::from_str(&serde_json::to_string(&x).unwrap()).unwrap();
+                    assert_eq!(back.to_bits(), x.to_bits(), "{x}");
+                }
+            }
+        }
+    }
     use crate::pipeline::Sampling;
     use crate::schedulers::SchedulerKind;
     use crate::walk::{Ease, Interp};
