@@ -321,7 +321,12 @@ impl StableDiffusion {
             .vae
             .decode(&latents.to_dtype(self.act_dtype)?)?
             .to_dtype(DType::F32)?;
-        let images = if let (Some(vae_weights), false) = (&self.vae_weights, all_finite(&images)?) {
+        // Only a reduced-precision decode keeps the weights for a redo; f32 never checks.
+        let redo = match &self.vae_weights {
+            Some(w) if !all_finite(&images)? => Some(w),
+            _ => None,
+        };
+        let images = if let Some(vae_weights) = redo {
             on_event(Event::Warning(format!(
                 "the VAE decode in {:?} produced NaN/inf values; decoding again in f32",
                 self.dtype

@@ -87,7 +87,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     profile::enable(false);
     let peak = peak_rss_bytes();
     let threads = candle_core::utils::get_num_threads();
-    let record = serde_json::json!({
+    let mut record = serde_json::json!({
         "model": model.name(),
         "width": sampling.width,
         "height": sampling.height,
@@ -106,7 +106,6 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         "peak_rss_bytes": peak,
         "kernels": latent::kernels::describe(),
     });
-    let mut record = record;
     if args.profile {
         let total_steps: f64 = step_times.iter().sum();
         record["profile"] = serde_json::json!({

@@ -42,7 +42,7 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], d: Dims, scale: f32) -> Vec<f3
     assert_eq!(q.len(), d.batch * d.queries * inner);
     assert_eq!(k.len(), d.batch * d.keys * inner);
     assert_eq!(v.len(), d.batch * d.keys * inner);
-    let mut out = super::zeros(q.len());
+    let mut out = vec![0f32; q.len()];
     if out.is_empty() {
         return out;
     }

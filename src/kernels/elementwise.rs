@@ -8,7 +8,7 @@ use super::simd;
 pub fn geglu(h: &[f32], half: usize) -> Vec<f32> {
     assert!(half > 0 && h.len().is_multiple_of(2 * half));
     let rows = h.len() / (2 * half);
-    let mut out = super::zeros(rows * half);
+    let mut out = vec![0f32; rows * half];
     let rows_per_task = (8192 / half).max(1);
     out.par_chunks_mut(rows_per_task * half)
         .zip(h.par_chunks(rows_per_task * 2 * half))

@@ -93,20 +93,9 @@ impl Weight {
     pub fn in_dim(&self) -> usize {
         self.cols
     }
-
-    /// Bytes held.
-    pub fn bytes(&self) -> usize {
-        match &self.repr {
-            Repr::F32(HostF32::Owned(d)) => d.len() * 4,
-            // Mapped file pages: resident, but shared with the page cache, not allocated.
-            Repr::F32(HostF32::Shared { len, .. }) => len * 4,
-            Repr::Bf16Lhs(p) => p.bytes(),
-            Repr::Bf16Rhs(p) => p.bytes(),
-        }
-    }
 }
 
-/// `dst (out x n) [+]= W * rhs (in x n) [+ bias per row]`, for a [`Role::Lhs`] weight.
+/// `dst (out x n) = W * rhs (in x n) [+ bias per row]`, for a [`Role::Lhs`] weight.
 pub fn weight_times(
     w: &Weight,
     rhs: View,
@@ -117,44 +106,27 @@ pub fn weight_times(
     threads: usize,
 ) {
     assert_eq!(w.role, Role::Lhs);
+    let (m, k) = (w.rows, w.cols);
     match &w.repr {
         Repr::F32(data) => {
-            let lhs = View::rows(data, w.cols);
-            if let Some(b) = bias {
-                fill_rows(dst, dst_rs, w.rows, n, |i| b[i]);
-            }
+            let biased = write_bias(dst, dst_rs, m, n, bias, true);
             gemm_f32(
-                w.rows,
+                m,
                 n,
-                w.cols,
-                lhs,
+                k,
+                View::rows(data, k),
                 rhs,
                 dst,
                 dst_rs,
-                bias.is_some(),
+                biased,
                 threads,
             );
         }
         Repr::Bf16Lhs(p) => {
-            let rhs = bf16::Rhs::Strided {
-                data: rhs.data,
-                rs: rhs.rs,
-                cs: rhs.cs,
-            };
             let bias = bias.map_or(bf16::Bias::None, bf16::Bias::PerRow);
-            bf16::gemm_bf16(
-                w.rows,
-                n,
-                w.cols,
-                bf16::Lhs::Packed(p),
-                rhs,
-                dst,
-                dst_rs,
-                false,
-                bias,
-                threads,
-            )
-            .expect("shapes were checked by the caller");
+            let (lhs, rhs) = (bf16::Lhs::Packed(p), bf16::Rhs::from(rhs));
+            bf16::gemm_bf16(m, n, k, lhs, rhs, dst, dst_rs, false, bias, threads)
+                .expect("shapes were checked by the caller");
         }
         Repr::Bf16Rhs(_) => unreachable!("a Lhs weight is packed as Bf16Lhs"),
     }
@@ -171,59 +143,63 @@ pub fn times_weight_t(
     threads: usize,
 ) {
     assert_eq!(w.role, Role::RhsT);
+    let (n, k) = (w.rows, w.cols);
     match &w.repr {
         Repr::F32(data) => {
-            let rhs = View {
-                data,
-                rs: 1,
-                cs: w.cols,
-            };
-            if let Some(b) = bias {
-                for i in 0..m {
-                    dst[i * dst_rs..i * dst_rs + w.rows].copy_from_slice(b);
-                }
-            }
-            gemm_f32(
-                m,
-                w.rows,
-                w.cols,
-                lhs,
-                rhs,
-                dst,
-                dst_rs,
-                bias.is_some(),
-                threads,
-            );
+            let biased = write_bias(dst, dst_rs, m, n, bias, false);
+            let rhs = View { data, rs: 1, cs: k };
+            gemm_f32(m, n, k, lhs, rhs, dst, dst_rs, biased, threads);
         }
         Repr::Bf16Rhs(p) => {
-            let lhs = bf16::Lhs::Strided {
-                data: lhs.data,
-                rs: lhs.rs,
-                cs: lhs.cs,
-            };
             let bias = bias.map_or(bf16::Bias::None, bf16::Bias::PerCol);
-            bf16::gemm_bf16(
-                m,
-                w.rows,
-                w.cols,
-                lhs,
-                bf16::Rhs::Packed(p),
-                dst,
-                dst_rs,
-                false,
-                bias,
-                threads,
-            )
-            .expect("shapes were checked by the caller");
+            let (lhs, rhs) = (bf16::Lhs::from(lhs), bf16::Rhs::Packed(p));
+            bf16::gemm_bf16(m, n, k, lhs, rhs, dst, dst_rs, false, bias, threads)
+                .expect("shapes were checked by the caller");
         }
         Repr::Bf16Lhs(_) => unreachable!("a RhsT weight is packed as Bf16Rhs"),
     }
 }
 
-fn fill_rows(dst: &mut [f32], rs: usize, m: usize, n: usize, value: impl Fn(usize) -> f32) {
-    for i in 0..m {
-        dst[i * rs..i * rs + n].fill(value(i));
+impl<'a> From<View<'a>> for bf16::Lhs<'a> {
+    fn from(v: View<'a>) -> Self {
+        bf16::Lhs::Strided {
+            data: v.data,
+            rs: v.rs,
+            cs: v.cs,
+        }
     }
+}
+
+impl<'a> From<View<'a>> for bf16::Rhs<'a> {
+    fn from(v: View<'a>) -> Self {
+        bf16::Rhs::Strided {
+            data: v.data,
+            rs: v.rs,
+            cs: v.cs,
+        }
+    }
+}
+
+/// Writes `bias` (one value per row, or one per column) into the `m x n` destination so the
+/// product can accumulate onto it; returns whether it did.
+fn write_bias(
+    dst: &mut [f32],
+    rs: usize,
+    m: usize,
+    n: usize,
+    bias: Option<&[f32]>,
+    per_row: bool,
+) -> bool {
+    let Some(b) = bias else { return false };
+    for i in 0..m {
+        let row = &mut dst[i * rs..i * rs + n];
+        if per_row {
+            row.fill(b[i]);
+        } else {
+            row.copy_from_slice(b);
+        }
+    }
+    true
 }
 
 /// `dst (m x n) [+]= lhs (m x k) * rhs (k x n)` on strided views; `threads` 1 runs on the
@@ -257,7 +233,9 @@ pub fn gemm_f32(
     );
     if k == 0 {
         if !accumulate {
-            fill_rows(dst, dst_rs, m, n, |_| 0.0);
+            for i in 0..m {
+                dst[i * dst_rs..i * dst_rs + n].fill(0.0);
+            }
         }
         return;
     }

@@ -151,8 +151,3 @@ pub fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R>
 pub fn tensor(data: Vec<f32>, shape: impl Into<Shape>) -> Result<Tensor> {
     Ok(Tensor::from_vec(data, shape.into(), &Device::Cpu)?)
 }
-
-/// An uninitialised-free output buffer of `n` zeros.
-pub(crate) fn zeros(n: usize) -> Vec<f32> {
-    vec![0f32; n]
-}

@@ -76,7 +76,7 @@ impl Linear {
                 let out_dim = weight.out_dim();
                 let rows = xs.elem_count() / in_dim.max(1);
                 let _p = profile::scope(Op::Linear, 2 * rows * in_dim * out_dim);
-                let mut out = kernels::zeros(rows * out_dim);
+                let mut out = vec![0f32; rows * out_dim];
                 kernels::with_f32(xs, |x| {
                     let lhs = matmul::View::rows(x, in_dim);
                     let threads = kernels::threads();

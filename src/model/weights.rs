@@ -166,16 +166,7 @@ impl Weights {
 
     /// Loads tensor `name`, checking that its shape is `shape`.
     pub fn get(&self, shape: &[usize], name: &str) -> Result<Tensor> {
-        let full = self.full_name(name);
-        let info = self.info(&full)?;
-        if info.shape != shape {
-            return Err(Error::TensorShape {
-                path: self.file.path.clone(),
-                name: full,
-                expected: shape.to_vec(),
-                found: info.shape.clone(),
-            });
-        }
+        let (full, info) = self.shaped(shape, name)?;
         self.load(&full, info)
     }
 
@@ -184,10 +175,9 @@ impl Weights {
     /// are faulted in now so that loading, not the first step, pays for reading them), else
     /// converted into host memory like [`Self::get_host`].
     pub fn get_mapped(&self, shape: &[usize], name: &str) -> Result<crate::kernels::HostF32> {
-        let full = self.full_name(name);
-        let info = self.info(&full)?;
+        let (full, info) = self.shaped(shape, name)?;
         let (dtype, bytes) = self.raw(&full, info)?;
-        if dtype == DType::F32 && info.shape == shape {
+        if dtype == DType::F32 {
             let offset = self.file.data_start + info.data_offsets.0;
             let owner: Arc<dyn AsRef<[u8]> + Send + Sync> = self.file.clone();
             if let Some(host) = crate::kernels::HostF32::shared(owner, offset, bytes.len() / 4) {
@@ -224,16 +214,7 @@ impl Weights {
     /// Loads tensor `name`, checking that its shape is `shape`, as f32 values in host memory
     /// (converted from the file's dtype in one pass), for the CPU kernels.
     pub fn get_host(&self, shape: &[usize], name: &str) -> Result<Vec<f32>> {
-        let full = self.full_name(name);
-        let info = self.info(&full)?;
-        if info.shape != shape {
-            return Err(Error::TensorShape {
-                path: self.file.path.clone(),
-                name: full,
-                expected: shape.to_vec(),
-                found: info.shape.clone(),
-            });
-        }
+        let (full, info) = self.shaped(shape, name)?;
         let (dtype, bytes) = self.raw(&full, info)?;
         #[cfg(all(unix, target_endian = "little"))]
         if dtype == DType::F32 {
@@ -307,6 +288,21 @@ impl Weights {
         let full = self.full_name(name);
         let info = self.info(&full)?;
         self.load(&full, info)
+    }
+
+    /// The full name and header entry of tensor `name`, checked to have shape `shape`.
+    fn shaped(&self, shape: &[usize], name: &str) -> Result<(String, &TensorInfo)> {
+        let full = self.full_name(name);
+        let info = self.info(&full)?;
+        if info.shape != shape {
+            return Err(Error::TensorShape {
+                path: self.file.path.clone(),
+                name: full,
+                expected: shape.to_vec(),
+                found: info.shape.clone(),
+            });
+        }
+        Ok((full, info))
     }
 
     fn info(&self, full: &str) -> Result<&TensorInfo> {
