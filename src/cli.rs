@@ -244,4 +244,8 @@ pub struct BenchArgs {
     /// the UNet steps and over the decode, with their GFLOP/s (CPU kernels count FLOPs).
     #[arg(long)]
     pub profile: bool,
+    /// Keep the text encoder, UNet and VAE loaded together, as `latent batch` and `latent walk`
+    /// do (default: one at a time, as `latent generate` does).
+    #[arg(long)]
+    pub resident: bool,
 }

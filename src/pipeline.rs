@@ -1,6 +1,7 @@
 //! The text-to-image pipeline, in diffusers' stage order: check inputs, encode prompt, set
 //! timesteps, prepare latents, denoise, decode. Walks and batches reuse these stages.
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
@@ -29,18 +30,99 @@ pub enum Event {
     Warning(String),
 }
 
-/// A loaded Stable Diffusion model: tokenizer, text encoder, UNet, VAE decoder and the
-/// scheduler settings from the model's own files.
+/// When the three large components (text encoder, UNet, VAE) are in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Residency {
+    /// All three are loaded by [`StableDiffusion::load_with`] and kept: for many images
+    /// (batches, walks, a long-lived library user).
+    #[default]
+    Resident,
+    /// Each is loaded when its stage starts and the others are dropped first, so at most one
+    /// is in memory: for one-shot generation, where peak memory is then about the UNet's
+    /// weights instead of all three. Load reads every file's header and checks the VAE (then
+    /// drops it) and loads the text encoder; a stage that finds its component dropped loads
+    /// it again (from the page cache: cheap, but not free).
+    Staged,
+}
+
+/// The stage a component serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Prompt encoding: the text encoder.
+    TextEncode,
+    /// The denoising loop: the UNet.
+    Denoise,
+    /// Latents to pixels: the VAE decoder.
+    Decode,
+}
+
+impl Stage {
+    fn component(self) -> &'static str {
+        match self {
+            Stage::TextEncode => "text encoder",
+            Stage::Denoise => "unet",
+            Stage::Decode => "vae",
+        }
+    }
+}
+
+/// The VAE decoder, and (for reduced precision) its weights for an f32 redo.
+struct Vae {
+    decoder: VaeDecoder,
+    redo_weights: Option<Weights>,
+}
+
+/// The components in memory now, and the time spent loading them so far.
+#[derive(Default)]
+struct Loaded {
+    text_encoder: Option<Arc<ClipTextModel>>,
+    unet: Option<Arc<UNet>>,
+    vae: Option<Arc<Vae>>,
+    load_time: Duration,
+}
+
+impl Loaded {
+    fn has(&self, stage: Stage) -> bool {
+        match stage {
+            Stage::TextEncode => self.text_encoder.is_some(),
+            Stage::Denoise => self.unet.is_some(),
+            Stage::Decode => self.vae.is_some(),
+        }
+    }
+
+    /// Drops every component but the one of `keep`; true when something was dropped.
+    fn release_all_but(&mut self, keep: Stage) -> bool {
+        let mut released = false;
+        if keep != Stage::TextEncode {
+            released |= self.text_encoder.take().is_some();
+        }
+        if keep != Stage::Denoise {
+            released |= self.unet.take().is_some();
+        }
+        if keep != Stage::Decode {
+            released |= self.vae.take().is_some();
+        }
+        released
+    }
+}
+
+/// A Stable Diffusion model: tokenizer, text encoder, UNet, VAE decoder and the scheduler
+/// settings from the model's own files. Components are in memory according to its
+/// [`Residency`].
 pub struct StableDiffusion {
     name: String,
     tokenizer: ClipTokenizer,
-    text_encoder: ClipTextModel,
-    unet: UNet,
-    vae: VaeDecoder,
-    /// Kept for an f32 re-decode when a reduced-precision decode overflows; None in f32.
-    vae_weights: Option<Weights>,
+    text_config: ClipTextConfig,
+    unet_config: UNetConfig,
+    vae_config: VaeConfig,
+    /// Weight files of the text encoder, UNet and VAE.
+    text_path: PathBuf,
+    unet_path: PathBuf,
+    vae_path: PathBuf,
+    residency: Residency,
+    loaded: Mutex<Loaded>,
     scheduler_config: SchedulerConfig,
-    scheduler_path: std::path::PathBuf,
+    scheduler_path: PathBuf,
     device: Device,
     dtype: DType,
     /// dtype of activations: `dtype`, except f32 for bf16 on the CPU (bf16 products only).
@@ -60,13 +142,28 @@ const TOKENIZER_FILES: &[&str] = &[
 const PIPELINE_CLASSES: &[&str] = &["StableDiffusionPipeline"];
 
 impl StableDiffusion {
-    /// Loads every component of the model in `files` onto `device` in `dtype`.
+    /// Loads every component of the model in `files` onto `device` in `dtype`, to stay in
+    /// memory ([`Residency::Resident`]).
     pub fn load(
         files: &ModelFiles,
         device: &Device,
         dtype: DType,
         on_event: &mut dyn FnMut(Event),
     ) -> Result<Self> {
+        Self::load_with(files, device, dtype, Residency::Resident, on_event)
+    }
+
+    /// Reads the model's configs, tokenizer and weight-file headers (every file problem shows
+    /// here, before any work) and, when `residency` is [`Residency::Resident`], loads the
+    /// text encoder, UNet and VAE.
+    pub fn load_with(
+        files: &ModelFiles,
+        device: &Device,
+        dtype: DType,
+        residency: Residency,
+        on_event: &mut dyn FnMut(Event),
+    ) -> Result<Self> {
+        let started = Instant::now();
         let index = crate::model::ConfigFile::open(&files.get("model_index.json")?)?;
         let class: String = index.req("_class_name")?;
         if !PIPELINE_CLASSES.contains(&class.as_str()) {
@@ -100,36 +197,12 @@ impl StableDiffusion {
         };
         let tokenizer = ClipTokenizer::from_dir(&tokenizer_dir)?;
 
-        on_event(Event::Loading {
-            component: "text encoder",
-        });
         let text_config = ClipTextConfig::from_file(&files.get("text_encoder/config.json")?)?;
-        // The text encoder runs once per prompt; on the CPU it stays f32 even for bf16.
-        let text_weights = Weights::open(
-            &files.weights("text_encoder", "model", prefer_fp16)?,
-            device,
-            act_dtype,
-        )?;
-        let text_encoder = ClipTextModel::load(&text_weights, &text_config)?;
-
-        on_event(Event::Loading { component: "unet" });
+        let text_path = files.weights("text_encoder", "model", prefer_fp16)?;
         let unet_config = UNetConfig::from_file(&files.get("unet/config.json")?)?;
-        let unet_weights = Weights::open(
-            &files.weights("unet", "diffusion_pytorch_model", prefer_fp16)?,
-            device,
-            dtype,
-        )?;
-        let unet = UNet::load(&unet_weights, &unet_config)?;
-
-        on_event(Event::Loading { component: "vae" });
+        let unet_path = files.weights("unet", "diffusion_pytorch_model", prefer_fp16)?;
         let vae_config = VaeConfig::from_file(&files.get("vae/config.json")?)?;
-        let vae_weights = Weights::open(
-            &files.weights("vae", "diffusion_pytorch_model", prefer_fp16)?,
-            device,
-            dtype,
-        )?;
-        let vae = VaeDecoder::load(&vae_weights, &vae_config)?;
-
+        let vae_path = files.weights("vae", "diffusion_pytorch_model", prefer_fp16)?;
         let scheduler_path = files.get("scheduler/scheduler_config.json")?;
         let scheduler_config = SchedulerConfig::from_file(&scheduler_path)?;
 
@@ -143,19 +216,123 @@ impl StableDiffusion {
                 ),
             ));
         }
-        Ok(Self {
+        let model = Self {
             name: files.name().to_string(),
             tokenizer,
-            text_encoder,
-            unet,
-            vae,
-            vae_weights: (dtype != DType::F32).then_some(vae_weights),
+            text_config,
+            unet_config,
+            vae_config,
+            text_path,
+            unet_path,
+            vae_path,
+            residency,
+            loaded: Mutex::new(Loaded::default()),
             scheduler_config,
             scheduler_path,
             device: device.clone(),
             dtype,
             act_dtype,
-        })
+        };
+        match residency {
+            Residency::Resident => {
+                for stage in [Stage::TextEncode, Stage::Denoise, Stage::Decode] {
+                    model.ensure_loaded(stage, on_event)?;
+                }
+            }
+            Residency::Staged => {
+                // Every file problem shows now, not after minutes of denoising: the UNet's
+                // header is read (its tensors are checked when its stage starts, seconds
+                // later), the VAE is loaded and checked against its config, then dropped for
+                // the text encoder, which the first stage needs.
+                Weights::open(&model.unet_path, device, dtype)?;
+                model.ensure_loaded(Stage::Decode, on_event)?;
+                model.ensure_loaded(Stage::TextEncode, on_event)?;
+            }
+        }
+        model.lock().load_time = started.elapsed();
+        Ok(model)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Loaded> {
+        // A panic elsewhere cannot leave `Loaded` half-updated (each field is one assignment).
+        self.loaded.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Makes the component of `stage` resident (when it is not already), dropping the others
+    /// first under [`Residency::Staged`].
+    pub fn ensure_loaded(&self, stage: Stage, on_event: &mut dyn FnMut(Event)) -> Result<()> {
+        self.load_into(&mut self.lock(), stage, on_event)
+    }
+
+    fn load_into(
+        &self,
+        loaded: &mut Loaded,
+        stage: Stage,
+        on_event: &mut dyn FnMut(Event),
+    ) -> Result<()> {
+        if loaded.has(stage) {
+            return Ok(());
+        }
+        if self.residency == Residency::Staged && loaded.release_all_but(stage) {
+            // Give the dropped component's heap memory back before the next one arrives.
+            crate::kernels::release_freed_memory();
+        }
+        on_event(Event::Loading {
+            component: stage.component(),
+        });
+        let started = Instant::now();
+        match stage {
+            Stage::TextEncode => {
+                // The text encoder runs once per prompt; on the CPU it stays f32 even for bf16.
+                let w = Weights::open(&self.text_path, &self.device, self.act_dtype)?;
+                loaded.text_encoder = Some(Arc::new(ClipTextModel::load(&w, &self.text_config)?));
+            }
+            Stage::Denoise => {
+                let w = Weights::open(&self.unet_path, &self.device, self.dtype)?;
+                loaded.unet = Some(Arc::new(UNet::load(&w, &self.unet_config)?));
+            }
+            Stage::Decode => {
+                let w = Weights::open(&self.vae_path, &self.device, self.dtype)?;
+                let decoder = VaeDecoder::load(&w, &self.vae_config)?;
+                loaded.vae = Some(Arc::new(Vae {
+                    decoder,
+                    redo_weights: (self.dtype != DType::F32).then_some(w),
+                }));
+            }
+        }
+        loaded.load_time += started.elapsed();
+        Ok(())
+    }
+
+    /// Time spent loading so far: configs, tokenizer and every component load (a staged model
+    /// adds each component's load as its stage first runs).
+    pub fn load_time(&self) -> Duration {
+        self.lock().load_time
+    }
+
+    /// How the components are kept in memory.
+    pub fn residency(&self) -> Residency {
+        self.residency
+    }
+
+    // The getters load and take their component under one lock, so another thread's stage
+    // cannot drop it in between.
+    fn text_encoder(&self, on_event: &mut dyn FnMut(Event)) -> Result<Arc<ClipTextModel>> {
+        let mut loaded = self.lock();
+        self.load_into(&mut loaded, Stage::TextEncode, on_event)?;
+        loaded.text_encoder.clone().ok_or_else(not_loaded)
+    }
+
+    fn unet(&self, on_event: &mut dyn FnMut(Event)) -> Result<Arc<UNet>> {
+        let mut loaded = self.lock();
+        self.load_into(&mut loaded, Stage::Denoise, on_event)?;
+        loaded.unet.clone().ok_or_else(not_loaded)
+    }
+
+    fn vae(&self, on_event: &mut dyn FnMut(Event)) -> Result<Arc<Vae>> {
+        let mut loaded = self.lock();
+        self.load_into(&mut loaded, Stage::Decode, on_event)?;
+        loaded.vae.clone().ok_or_else(not_loaded)
     }
 
     /// Model name recorded in image metadata.
@@ -171,17 +348,17 @@ impl StableDiffusion {
 
     /// Default image size in pixels: the UNet's sample_size times the VAE's downscaling.
     pub fn default_size(&self) -> usize {
-        self.unet.config().sample_size * self.vae.config().scale_factor()
+        self.unet_config.sample_size * self.vae_config.scale_factor()
     }
 
     /// Spatial factor between pixels and latents.
     pub fn vae_scale_factor(&self) -> usize {
-        self.vae.config().scale_factor()
+        self.vae_config.scale_factor()
     }
 
     /// Latent channels the UNet works on.
     pub fn latent_channels(&self) -> usize {
-        self.unet.config().in_channels
+        self.unet_config.in_channels
     }
 
     /// The device the model lives on.
@@ -215,9 +392,10 @@ impl StableDiffusion {
         guidance: f64,
         on_event: &mut dyn FnMut(Event),
     ) -> Result<PromptEmbeddings> {
-        let cond = self.encode_text(prompt, "prompt", on_event)?;
+        let encoder = self.text_encoder(on_event)?;
+        let cond = self.encode_text(&encoder, prompt, "prompt", on_event)?;
         let uncond = if guidance > 1.0 {
-            Some(self.encode_text(negative_prompt, "negative prompt", on_event)?)
+            Some(self.encode_text(&encoder, negative_prompt, "negative prompt", on_event)?)
         } else {
             None
         };
@@ -226,6 +404,7 @@ impl StableDiffusion {
 
     fn encode_text(
         &self,
+        encoder: &ClipTextModel,
         text: &str,
         what: &str,
         on_event: &mut dyn FnMut(Event),
@@ -239,7 +418,7 @@ impl StableDiffusion {
         }
         let n = tokens.ids.len();
         let ids = Tensor::from_vec(tokens.ids, (1, n), &self.device)?;
-        Ok(self.text_encoder.forward(&ids)?.to_dtype(DType::F32)?)
+        Ok(encoder.forward(&ids)?.to_dtype(DType::F32)?)
     }
 
     /// Stage 4: initial latents for one batch: fresh noise from `noise` (row i from image i's
@@ -272,6 +451,8 @@ impl StableDiffusion {
 
     /// Stage 5: the denoising loop with classifier-free guidance (when `embeddings` has an
     /// unconditional part). `latents` is (b, c, h, w) f32; returns the final latents in f32.
+    /// Loads the UNet first when it is not resident (without a loading event: call
+    /// [`Self::ensure_loaded`] first to see one).
     pub fn denoise(
         &self,
         latents: Tensor,
@@ -281,6 +462,7 @@ impl StableDiffusion {
         noise: &mut dyn NoiseSource,
         on_step: &mut dyn FnMut(usize, usize),
     ) -> Result<Tensor> {
+        let unet = self.unet(&mut |_| {})?;
         let b = latents.dim(0)?;
         let context = embeddings.batched(b)?.to_dtype(self.act_dtype)?;
         let cfg = embeddings.uncond.is_some();
@@ -295,8 +477,7 @@ impl StableDiffusion {
             let model_input = scheduler
                 .scale_model_input(&model_input, i)?
                 .to_dtype(self.act_dtype)?;
-            let pred = self
-                .unet
+            let pred = unet
                 .forward(&model_input, t, &context)?
                 .to_dtype(DType::F32)?;
             let pred = if cfg {
@@ -317,12 +498,13 @@ impl StableDiffusion {
     /// A decode in f16 that overflows to NaN/inf (a known SD VAE weakness) is redone in f32,
     /// with a warning.
     pub fn decode(&self, latents: &Tensor, on_event: &mut dyn FnMut(Event)) -> Result<Tensor> {
-        let images = self
-            .vae
+        let vae = self.vae(on_event)?;
+        let images = vae
+            .decoder
             .decode(&latents.to_dtype(self.act_dtype)?)?
             .to_dtype(DType::F32)?;
         // Only a reduced-precision decode keeps the weights for a redo; f32 never checks.
-        let redo = match &self.vae_weights {
+        let redo = match &vae.redo_weights {
             Some(w) if !all_finite(&images)? => Some(w),
             _ => None,
         };
@@ -331,7 +513,7 @@ impl StableDiffusion {
                 "the VAE decode in {:?} produced NaN/inf values; decoding again in f32",
                 self.dtype
             )));
-            let vae32 = VaeDecoder::load(&vae_weights.with_dtype(DType::F32), self.vae.config())?;
+            let vae32 = VaeDecoder::load(&vae_weights.with_dtype(DType::F32), &self.vae_config)?;
             vae32.decode(&latents.to_dtype(DType::F32)?)?
         } else {
             images
@@ -339,7 +521,8 @@ impl StableDiffusion {
         Ok(((images / 2.0)? + 0.5)?.clamp(0f32, 1f32)?)
     }
 
-    /// Runs the whole pipeline for `req`, batch by batch.
+    /// Runs the whole pipeline for `req`: encodes the prompt, denoises every batch, then
+    /// decodes them all (so a staged model loads each component once).
     pub fn generate(
         &self,
         req: &GenerateRequest,
@@ -348,6 +531,7 @@ impl StableDiffusion {
         self.check_inputs(req)?;
         let mut timings = Timings::default();
 
+        self.ensure_loaded(Stage::TextEncode, on_event)?;
         let start = Instant::now();
         let embeddings = self.encode_prompt(
             &req.prompt,
@@ -357,17 +541,29 @@ impl StableDiffusion {
         )?;
         timings.text_encode = start.elapsed();
 
-        let mut images = Vec::with_capacity(req.seeds.len());
+        let mut denoised = Vec::new();
         for (chunk_index, seeds) in req.seeds.chunks(req.batch_size).enumerate() {
             let first = chunk_index * req.batch_size;
             let given = match &req.latents {
                 Some(all) => Some(all.narrow(0, first, seeds.len())?),
                 None => None,
             };
-            images.extend(self.render_batch(
+            let latents = self.denoise_batch(
                 &embeddings,
                 seeds,
                 given.as_ref(),
+                &req.sampling,
+                first,
+                &mut timings,
+                on_event,
+            )?;
+            denoised.push((first, seeds, latents));
+        }
+        let mut images = Vec::with_capacity(req.seeds.len());
+        for (first, seeds, latents) in denoised {
+            images.extend(self.decode_batch(
+                &latents,
+                seeds,
                 &req.sampling,
                 first,
                 &mut timings,
@@ -377,8 +573,8 @@ impl StableDiffusion {
         Ok(Generation { images, timings })
     }
 
-    /// Stages 3 to 6 for one batch of images: a fresh scheduler, starting latents from `seeds`
-    /// (one generator per image) or `given`, the denoising loop, the decode.
+    /// Stages 3 to 6 for one batch of images: [`Self::denoise_batch`] then
+    /// [`Self::decode_batch`].
     ///
     /// `embeddings` has batch 1 (shared by every image) or one row per image (walks).
     /// `first_image` only labels progress events. Stage timings are added to `timings`.
@@ -393,7 +589,26 @@ impl StableDiffusion {
         timings: &mut Timings,
         on_event: &mut dyn FnMut(Event),
     ) -> Result<Vec<GeneratedImage>> {
+        let latents =
+            self.denoise_batch(embeddings, seeds, given, s, first_image, timings, on_event)?;
+        self.decode_batch(&latents, seeds, s, first_image, timings, on_event)
+    }
+
+    /// Stages 3 to 5 for one batch: a fresh scheduler, starting latents from `seeds` (one
+    /// generator per image) or `given`, the denoising loop. Returns the final latents.
+    #[allow(clippy::too_many_arguments)]
+    pub fn denoise_batch(
+        &self,
+        embeddings: &PromptEmbeddings,
+        seeds: &[u64],
+        given: Option<&Tensor>,
+        s: &Sampling,
+        first_image: usize,
+        timings: &mut Timings,
+        on_event: &mut dyn FnMut(Event),
+    ) -> Result<Tensor> {
         let b = seeds.len();
+        self.ensure_loaded(Stage::Denoise, on_event)?;
         let mut scheduler = self.scheduler(s.scheduler, s.steps, s.karras)?;
         let mut noise = s.rng.noise_source(seeds.iter().copied());
         let latents = self.prepare_latents(
@@ -422,13 +637,26 @@ impl StableDiffusion {
         )?;
         timings.denoise += start.elapsed();
         timings.unet_steps += scheduler.timesteps().len();
+        Ok(latents)
+    }
 
+    /// Stage 6 for one batch: decodes `latents` (one row per seed) into images.
+    pub fn decode_batch(
+        &self,
+        latents: &Tensor,
+        seeds: &[u64],
+        s: &Sampling,
+        first_image: usize,
+        timings: &mut Timings,
+        on_event: &mut dyn FnMut(Event),
+    ) -> Result<Vec<GeneratedImage>> {
+        self.ensure_loaded(Stage::Decode, on_event)?;
         on_event(Event::Decoding {
             first_image,
-            batch: b,
+            batch: seeds.len(),
         });
         let start = Instant::now();
-        let decoded = self.decode(&latents, on_event)?;
+        let decoded = self.decode(latents, on_event)?;
         timings.decode += start.elapsed();
         seeds
             .iter()
@@ -496,6 +724,11 @@ impl StableDiffusion {
         }
         Ok(())
     }
+}
+
+/// Unreachable: a getter loads its component under the same lock it reads it with.
+fn not_loaded() -> Error {
+    Error::InvalidInput("internal error: a model component was not loaded".into())
 }
 
 fn all_finite(t: &Tensor) -> Result<bool> {

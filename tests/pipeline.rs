@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use latent::model::ModelSource;
 use latent::noise::RngKind;
-use latent::pipeline::{load_latents, GenerateRequest, Sampling, StableDiffusion};
+use latent::pipeline::{
+    load_latents, Event, GenerateRequest, Residency, Sampling, StableDiffusion,
+};
 use serde_json::Value;
 
 fn fixtures() -> PathBuf {
@@ -190,4 +192,99 @@ fn npy_and_safetensors_latents_are_the_same() {
     let a = load_latents(&dir.join("init_latents.safetensors")).unwrap();
     let b = load_latents(&dir.join("init_latents.npy")).unwrap();
     assert_eq!(max_abs_diff(&a, &b), 0.0);
+}
+
+fn load_with(
+    dir: &Path,
+    residency: Residency,
+    events: &mut Vec<String>,
+) -> latent::Result<StableDiffusion> {
+    let files = ModelSource::parse(&dir.display().to_string(), None)
+        .unwrap()
+        .open()
+        .unwrap();
+    StableDiffusion::load_with(&files, &Device::Cpu, DType::F32, residency, &mut |e| {
+        if let Event::Loading { component } = e {
+            events.push(component.to_string());
+        }
+    })
+}
+
+#[test]
+fn staged_model_makes_the_same_images_loading_each_component_once() {
+    let dir = fixtures().join("tiny-sd1");
+    let mut events = Vec::new();
+    let resident = load_with(&dir, Residency::Resident, &mut events).unwrap();
+    let mut events = Vec::new();
+    let staged = load_with(&dir, Residency::Staged, &mut events).unwrap();
+    // At load: the VAE is checked (then dropped), the text encoder stays for the first stage.
+    assert_eq!(events, ["tokenizer", "vae", "text encoder"]);
+    let req = GenerateRequest {
+        prompt: "a photo of a cat".into(),
+        negative_prompt: "blurry".into(),
+        sampling: Sampling {
+            width: 64,
+            height: 64,
+            steps: 3,
+            guidance: 7.5,
+            scheduler: "dpm++2m".parse().unwrap(),
+            karras: false,
+            rng: RngKind::Torch,
+        },
+        seeds: vec![3, 4, 5],
+        batch_size: 2,
+        latents: None,
+    };
+    let want = resident.generate(&req, &mut |_| {}).unwrap();
+    let mut events = Vec::new();
+    let got = staged
+        .generate(&req, &mut |e| {
+            if let Event::Loading { component } = e {
+                events.push(component.to_string());
+            }
+        })
+        .unwrap();
+    // Two batches: the UNet runs both before the VAE decodes them, one load each.
+    assert_eq!(events, ["unet", "vae"]);
+    assert_eq!(got.images.len(), 3);
+    for (a, b) in want.images.iter().zip(&got.images) {
+        assert_eq!(a.seed, b.seed);
+        assert_eq!(a.rgb, b.rgb);
+        assert_eq!(max_abs_diff(&a.latents, &b.latents), 0.0);
+    }
+    // A second run reloads what the first dropped (the text encoder) and still agrees.
+    let again = staged.generate(&req, &mut |_| {}).unwrap();
+    assert_eq!(again.images[2].rgb, want.images[2].rgb);
+    assert!(staged.load_time() > std::time::Duration::ZERO);
+}
+
+#[test]
+fn staged_load_checks_the_vae_before_any_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = tmp.path().join("model");
+    copy_dir(&fixtures().join("tiny-sd1"), &m);
+    let cfg_path = m.join("vae/config.json");
+    let mut cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    let first = cfg["block_out_channels"][0].as_u64().unwrap();
+    cfg["block_out_channels"][0] = (first * 2).into();
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let err = load_with(&m, Residency::Staged, &mut Vec::new())
+        .err()
+        .expect("a VAE that disagrees with its config must fail at load")
+        .to_string();
+    assert!(err.contains("vae") && err.contains("expected"), "{err}");
+}
+
+fn copy_dir(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        let to = dst.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &to);
+        } else {
+            std::fs::copy(e.path(), to).unwrap();
+        }
+    }
 }

@@ -12,7 +12,7 @@ use latent::batch::{
     RecordTimings, RunInfo,
 };
 use latent::output;
-use latent::pipeline::{StableDiffusion, Timings};
+use latent::pipeline::{Residency, StableDiffusion, Timings};
 
 use super::{load_model, params_for, random_seed, sampling_for};
 use crate::cli::BatchArgs;
@@ -108,7 +108,7 @@ pub fn batch(args: BatchArgs) -> Result<()> {
     let manifest_path = out_dir.join(batch::MANIFEST_NAME);
 
     let mut progress = Progress::new(args.quiet);
-    let model = load_model(&args.model, &mut progress)?;
+    let model = load_model(&args.model, Residency::Resident, &mut progress)?;
     let defaults = Defaults {
         negative_prompt: args.sampling.negative_prompt.clone(),
         sampling: sampling_for(&model, &args.sampling)?,

@@ -4,7 +4,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 use latent::kernels::profile;
-use latent::pipeline::{Event, Timings};
+use latent::pipeline::{Event, Residency, Stage, Timings};
 
 use super::{load_model, sampling_for};
 use crate::cli::BenchArgs;
@@ -28,9 +28,14 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
     let mut progress = Progress::new(true);
-    let start = Instant::now();
-    let model = load_model(&args.model, &mut progress)?;
-    let load = start.elapsed();
+    // Staged like `latent generate` (one component in memory at a time), or all resident like
+    // `latent batch`/`walk`. Loads are timed apart from the stages they precede.
+    let residency = if args.resident {
+        Residency::Resident
+    } else {
+        Residency::Staged
+    };
+    let model = load_model(&args.model, residency, &mut progress)?;
     let sampling = sampling_for(&model, &args.sampling)?;
     let req = latent::pipeline::GenerateRequest {
         prompt: args.prompt.clone(),
@@ -43,6 +48,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     model.check_inputs(&req)?;
 
     let mut timings = Timings::default();
+    model.ensure_loaded(Stage::TextEncode, &mut |_| {})?;
     let t = Instant::now();
     let embeddings = model.encode_prompt(
         &req.prompt,
@@ -53,9 +59,10 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     timings.text_encode = t.elapsed();
     let mut step_times = Vec::new();
     let mut unet_profile = Vec::new();
+    model.ensure_loaded(Stage::Denoise, &mut |_| {})?;
     profile::enable(args.profile);
     let mut last = Instant::now();
-    model.render_batch(
+    let latents = model.denoise_batch(
         &embeddings,
         &req.seeds,
         None,
@@ -73,6 +80,19 @@ pub fn bench(args: BenchArgs) -> Result<()> {
             }
         },
     )?;
+    // Not timed as decode: loading the VAE (and, staged, dropping the UNet).
+    profile::enable(false);
+    model.ensure_loaded(Stage::Decode, &mut |_| {})?;
+    profile::enable(args.profile);
+    model.decode_batch(
+        &latents,
+        &req.seeds,
+        &sampling,
+        0,
+        &mut timings,
+        &mut |_| {},
+    )?;
+    let load = model.load_time();
     // The first step pays one-time costs (allocations, page faults of the mapped weights);
     // report the median of the others when there are any.
     let steady: Vec<f64> = if step_times.len() > 1 {
@@ -97,6 +117,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         "dtype": format!("{:?}", model.dtype()).to_lowercase(),
         "device": format!("{:?}", model.device().location()),
         "threads": threads,
+        "residency": format!("{residency:?}").to_lowercase(),
         "load_s": load.as_secs_f64(),
         "text_encode_s": timings.text_encode.as_secs_f64(),
         "step_s_median": median,
@@ -126,6 +147,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
             sampling.scheduler,
             model.dtype()
         );
+        println!("residency    {residency:?}");
         println!("load         {:8.3} s", load.as_secs_f64());
         println!("text encode  {:8.3} s", timings.text_encode.as_secs_f64());
         println!(

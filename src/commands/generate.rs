@@ -4,7 +4,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use latent::output;
-use latent::pipeline::{load_latents, GenerateRequest};
+use latent::pipeline::{load_latents, GenerateRequest, Residency};
 
 use super::{load_model, params_for, random_seed, sampling_for};
 use crate::cli::GenerateArgs;
@@ -42,8 +42,7 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
         bail!("the prompt is empty: give a text to draw, e.g. latent generate \"a red circle\"");
     }
 
-    let model = load_model(&args.model, &mut progress)?;
-    let load_time = started.elapsed();
+    let model = load_model(&args.model, Residency::Staged, &mut progress)?;
     let sampling = sampling_for(&model, &args.sampling)?;
     let req = GenerateRequest {
         prompt: args.prompt.clone(),
@@ -97,7 +96,7 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
                 "dtype": format!("{:?}", model.dtype()).to_lowercase(),
                 "parameters": params.to_a1111(),
                 "timings": {
-                    "load_s": load_time.as_secs_f64(),
+                    "load_s": model.load_time().as_secs_f64(),
                     "text_encode_s": t.text_encode.as_secs_f64(),
                     "denoise_s": t.denoise.as_secs_f64(),
                     "seconds_per_step": t.seconds_per_step(),
@@ -112,7 +111,7 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
     if !args.quiet {
         eprintln!(
             "load {:.2}s, text encode {:.2}s, {} steps at {:.3}s/step, decode {:.2}s, total {:.2}s",
-            load_time.as_secs_f64(),
+            model.load_time().as_secs_f64(),
             t.text_encode.as_secs_f64(),
             t.unet_steps,
             t.seconds_per_step(),

@@ -9,7 +9,7 @@ mod walk;
 use anyhow::{bail, Context, Result};
 use latent::model::ModelSource;
 use latent::output::GenerationParams;
-use latent::pipeline::{Sampling, StableDiffusion};
+use latent::pipeline::{Residency, Sampling, StableDiffusion};
 
 pub use batch::batch;
 pub use bench::bench;
@@ -46,12 +46,20 @@ fn model_source(args: &ModelArgs) -> Result<ModelSource> {
 }
 
 /// Loads the model named by `args`, reporting progress.
-pub fn load_model(args: &ModelArgs, progress: &mut Progress) -> Result<StableDiffusion> {
+/// Opens the model of `args`; with [`Residency::Staged`] its components load as their stages
+/// start, one at a time (one-shot commands), else all now (commands that make many images).
+pub fn load_model(
+    args: &ModelArgs,
+    residency: Residency,
+    progress: &mut Progress,
+) -> Result<StableDiffusion> {
     let source = model_source(args)?;
     let device = args.device.open()?;
     let dtype = args.dtype.resolve(&device)?;
     let files = source.open()?;
-    let model = StableDiffusion::load(&files, &device, dtype, &mut |e| progress.event(e))?;
+    let model = StableDiffusion::load_with(&files, &device, dtype, residency, &mut |e| {
+        progress.event(e)
+    })?;
     Ok(model)
 }
 

@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use latent::output;
-use latent::pipeline::{Event, Timings};
+use latent::pipeline::{Event, Residency, Timings};
 use latent::walk::{self, AnimationFormat, FileDefaults, Keyframe, Walk, WalkRecord, WalkSettings};
 
 use super::{load_model, params_for, random_seed, sampling_for};
@@ -85,7 +85,7 @@ pub fn walk(args: WalkArgs) -> Result<()> {
     walk::plan_frames(&keyframes, args.looped, args.ease)?;
 
     let mut progress = Progress::new(args.quiet);
-    let model = load_model(&args.model, &mut progress)?;
+    let model = load_model(&args.model, Residency::Resident, &mut progress)?;
     progress.finish();
     let load_time = started.elapsed();
     let full = WalkSettings {
