@@ -10,7 +10,8 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-use super::matmul::{gemm_f32, View};
+use super::bf16;
+use super::matmul::{gemm_f32, Precision, View};
 use super::simd;
 
 /// Scores per block, in floats (4 MB).
@@ -37,7 +38,18 @@ impl Dims {
 
 /// softmax(q k^T * scale) v per head; `q` is (batch, queries, heads * head_dim), `k` and `v` are
 /// (batch, keys, heads * head_dim). Returns data shaped like `q`.
-pub fn attention(q: &[f32], k: &[f32], v: &[f32], d: Dims, scale: f32) -> Vec<f32> {
+///
+/// In [`Precision::Bf16`] both products take bf16 inputs (keys and values packed once per
+/// head, query blocks and probabilities rounded while packed) with f32 sums; the softmax stays
+/// f32.
+pub fn attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    d: Dims,
+    scale: f32,
+    precision: Precision,
+) -> Vec<f32> {
     let inner = d.heads * d.head_dim;
     assert_eq!(q.len(), d.batch * d.queries * inner);
     assert_eq!(k.len(), d.batch * d.keys * inner);
@@ -51,6 +63,21 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], d: Dims, scale: f32) -> Vec<f3
         out.fill(f32::NAN);
         return out;
     }
+    // bf16: k^T and v of every (image, head), packed once for all query blocks.
+    let packed: Vec<(bf16::PackedRhs, bf16::PackedRhs)> = match precision {
+        Precision::F32 => Vec::new(),
+        Precision::Bf16 => (0..d.batch * d.heads)
+            .into_par_iter()
+            .map(|bh| {
+                let (b, h) = (bh / d.heads, bh % d.heads);
+                let kv = b * d.keys * inner + h * d.head_dim;
+                // k^T: element (dim j, key t) at t * inner + j; v: (key t, dim j).
+                let kt = bf16::PackedRhs::pack(d.head_dim, d.keys, &k[kv..], 1, inner);
+                let vp = bf16::PackedRhs::pack(d.keys, d.head_dim, &v[kv..], inner, 1);
+                (kt.expect("k fits its dims"), vp.expect("v fits its dims"))
+            })
+            .collect(),
+    };
     let block = (BLOCK_FLOATS / d.keys).clamp(16, 256).min(d.queries);
     // Chunk per image so a block never crosses from one image into the next.
     out.par_chunks_mut(d.queries * inner)
@@ -74,30 +101,60 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], d: Dims, scale: f32) -> Vec<f3
                 let s = &mut s[..rows * d.keys];
                 for h in 0..d.heads {
                     let off = h * d.head_dim;
-                    let qv = View::rows(&qb[off..], inner);
-                    // k^T: element (dim j, key t) at t * inner + j.
-                    let kt = View {
-                        data: &kb[off..],
-                        rs: 1,
-                        cs: inner,
-                    };
-                    gemm_f32(rows, d.keys, d.head_dim, qv, kt, s, d.keys, false, 1);
-                    for row in s.chunks_mut(d.keys) {
+                    let (n, hd) = (d.keys, d.head_dim);
+                    match packed.get(b * d.heads + h) {
+                        None => {
+                            let qv = View::rows(&qb[off..], inner);
+                            let kt = View {
+                                data: &kb[off..],
+                                rs: 1,
+                                cs: inner,
+                            };
+                            gemm_f32(rows, n, hd, qv, kt, s, n, false, 1);
+                        }
+                        Some((kt, _)) => {
+                            let qv = bf16::Lhs::Strided {
+                                data: &qb[off..],
+                                rs: inner,
+                                cs: 1,
+                            };
+                            let kt = bf16::Rhs::Packed(kt);
+                            bf16::gemm_bf16(rows, n, hd, qv, kt, s, n, false, bf16::Bias::None, 1)
+                                .expect("scores fit the block");
+                        }
+                    }
+                    for row in s.chunks_mut(n) {
                         simd::softmax_scaled(row, scale);
                     }
-                    let vv = View::rows(&vb[off..], inner);
-                    let sv = View::rows(s, d.keys);
-                    gemm_f32(
-                        rows,
-                        d.head_dim,
-                        d.keys,
-                        sv,
-                        vv,
-                        &mut dst[off..],
-                        inner,
-                        false,
-                        1,
-                    );
+                    let out = &mut dst[off..];
+                    match packed.get(b * d.heads + h) {
+                        None => {
+                            let vv = View::rows(&vb[off..], inner);
+                            let sv = View::rows(s, n);
+                            gemm_f32(rows, hd, n, sv, vv, out, inner, false, 1);
+                        }
+                        Some((_, vp)) => {
+                            let sv = bf16::Lhs::Strided {
+                                data: s,
+                                rs: n,
+                                cs: 1,
+                            };
+                            let vp = bf16::Rhs::Packed(vp);
+                            bf16::gemm_bf16(
+                                rows,
+                                hd,
+                                n,
+                                sv,
+                                vp,
+                                out,
+                                inner,
+                                false,
+                                bf16::Bias::None,
+                                1,
+                            )
+                            .expect("the output block fits");
+                        }
+                    }
                 }
             });
         });
@@ -161,6 +218,7 @@ mod tests {
             (1, 300, 77, 2, 8),
             (2, 33, 1100, 1, 5),
             (1, 5, 3000, 4, 3),
+            (2, 70, 333, 3, 40),
         ];
         for &(batch, queries, keys, heads, head_dim) in &cases {
             let d = Dims {
@@ -175,10 +233,16 @@ mod tests {
             let k = values(batch * keys * inner, 2);
             let v = values(batch * keys * inner, 3);
             let scale = 1.0 / (head_dim as f32).sqrt();
-            let got = attention(&q, &k, &v, d, scale);
             let want = naive(&q, &k, &v, d, scale as f64);
+            let got = attention(&q, &k, &v, d, scale, Precision::F32);
             for (g, e) in got.iter().zip(&want) {
                 assert!((*g as f64 - e).abs() < 2e-5, "{d:?}: {g} vs {e}");
+            }
+            // bf16 inputs (8 significant bits) to both products: relative error ~2^-8 of the
+            // terms; values here are within 1.4 in magnitude.
+            let got = attention(&q, &k, &v, d, scale, Precision::Bf16);
+            for (g, e) in got.iter().zip(&want) {
+                assert!((*g as f64 - e).abs() < 2e-2, "bf16 {d:?}: {g} vs {e}");
             }
         }
     }

@@ -319,6 +319,8 @@ pub struct MultiHeadAttention {
     to_out: Linear,
     heads: usize,
     scale: f64,
+    /// The CPU kernel's products: bf16 with bf16 weights (f32 activations), else f32.
+    precision: matmul::Precision,
 }
 
 impl MultiHeadAttention {
@@ -344,6 +346,7 @@ impl MultiHeadAttention {
             to_out: linear(&w.pp(o), inner, query_dim, true)?,
             heads,
             scale: 1.0 / (head_dim as f64).sqrt(),
+            precision: cpu_kernels(w).unwrap_or(matmul::Precision::F32),
         })
     }
 
@@ -375,6 +378,7 @@ impl MultiHeadAttention {
                                 v,
                                 dims,
                                 self.scale as f32,
+                                self.precision,
                             ))
                         })
                     })
