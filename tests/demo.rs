@@ -29,8 +29,10 @@ const MASK_DISTANCE: f64 = 60.0;
 const MIN_AREA: usize = 12;
 /// Prompt i of TRAINED then HELD_OUT is drawn with seed EVAL_SEED + i.
 const EVAL_SEED: u64 = 1000;
-/// Share of the trained prompts that must come out right.
+/// Share of the trained prompts whose colours (shape and background) must come out right.
 const REQUIRED: f64 = 0.9;
+/// Share of the trained prompts that must come out entirely right (the model scores 75%).
+const FULLY_RIGHT: f64 = 0.7;
 
 /// What a prompt asks for: (prompt, shape, colour, background, position, size).
 type Case = (
@@ -709,9 +711,10 @@ fn demo_model_draws_what_the_prompt_says() {
     );
     println!("demo model: trained combinations {trained:?}, held-out combinations {held_out:?}");
     // The shipped model gets the colours right (shape and background) in at least 90% of the
-    // trained combinations; its shape class is right far less often (weights/README.md gives
-    // the numbers), so that is reported, and held only to beating chance (1 in 4) by a margin.
-    // The held-out combinations are reported only.
+    // trained combinations, and everything right in 75% of them (diffusers, 4 seeds per
+    // prompt; weights/README.md gives the numbers), short of the 90%. This holds it to
+    // at least 70% fully right on the test's seeds, a guard against regressions; the held-out
+    // combinations are reported only.
     let need = (REQUIRED * trained.total as f64).ceil() as usize;
     assert!(
         trained.colors >= need,
@@ -719,10 +722,11 @@ fn demo_model_draws_what_the_prompt_says() {
         trained.colors,
         trained.total
     );
+    let need_all = (FULLY_RIGHT * trained.total as f64).ceil() as usize;
     assert!(
-        trained.shape * 10 >= trained.total * 3,
-        "shape class right in only {}/{} trained prompts (chance is 1/4)",
-        trained.shape,
+        trained.all >= need_all,
+        "everything right in only {}/{} trained prompts, need {need_all}",
+        trained.all,
         trained.total
     );
 }
