@@ -3,9 +3,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
+mod common;
+use common::{copy_dir, fixtures};
 
 fn sd1() -> String {
     fixtures().join("tiny-sd1").display().to_string()
@@ -188,19 +187,7 @@ fn bad_sizes_steps_prompts_and_names_are_clear_errors() {
 
 /// Copies the tiny SD1 model so a test can damage it.
 fn copy_model(dst: &Path) {
-    fn copy(src: &Path, dst: &Path) {
-        std::fs::create_dir_all(dst).unwrap();
-        for e in std::fs::read_dir(src).unwrap() {
-            let e = e.unwrap();
-            let to = dst.join(e.file_name());
-            if e.file_type().unwrap().is_dir() {
-                copy(&e.path(), &to);
-            } else {
-                std::fs::copy(e.path(), to).unwrap();
-            }
-        }
-    }
-    copy(&fixtures().join("tiny-sd1"), dst);
+    copy_dir(&fixtures().join("tiny-sd1"), dst);
 }
 
 #[test]

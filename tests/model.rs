@@ -4,22 +4,8 @@ use std::path::Path;
 
 use latent::model::{ConfigFile, ModelSource, UNetConfig, VaeConfig};
 
-fn fixtures() -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
-fn copy_dir(src: &Path, dst: &Path) {
-    std::fs::create_dir_all(dst).unwrap();
-    for e in std::fs::read_dir(src).unwrap() {
-        let e = e.unwrap();
-        let to = dst.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &to);
-        } else {
-            std::fs::copy(e.path(), to).unwrap();
-        }
-    }
-}
+mod common;
+use common::{copy_dir, fixtures};
 
 #[test]
 fn hub_ids_resolve_from_the_standard_cache_offline() {

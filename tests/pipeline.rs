@@ -3,7 +3,7 @@
 //! prompts, non-square sizes, given latents, SD1 (epsilon) and SD2 (v-prediction) models.
 //! Goldens: tests/fixtures/golden/cases.json, made by tools/make_tiny_models.py.
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use latent::model::ModelSource;
@@ -13,9 +13,8 @@ use latent::pipeline::{
 };
 use serde_json::Value;
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
+mod common;
+use common::{copy_dir, fixtures};
 
 fn load_model(name: &str) -> StableDiffusion {
     let files = ModelSource::parse(&fixtures().join(name).display().to_string(), None)
@@ -274,17 +273,4 @@ fn staged_load_checks_the_vae_before_any_work() {
         .expect("a VAE that disagrees with its config must fail at load")
         .to_string();
     assert!(err.contains("vae") && err.contains("expected"), "{err}");
-}
-
-fn copy_dir(src: &Path, dst: &Path) {
-    std::fs::create_dir_all(dst).unwrap();
-    for e in std::fs::read_dir(src).unwrap() {
-        let e = e.unwrap();
-        let to = dst.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &to);
-        } else {
-            std::fs::copy(e.path(), to).unwrap();
-        }
-    }
 }

@@ -102,7 +102,9 @@ pub fn attention(
                 for h in 0..d.heads {
                     let off = h * d.head_dim;
                     let (n, hd) = (d.keys, d.head_dim);
-                    match packed.get(b * d.heads + h) {
+                    // bf16: this head's packed k^T and v; f32: none.
+                    let kv = packed.get(b * d.heads + h);
+                    match kv {
                         None => {
                             let qv = View::rows(&qb[off..], inner);
                             let kt = View {
@@ -127,7 +129,7 @@ pub fn attention(
                         simd::softmax_scaled(row, scale);
                     }
                     let out = &mut dst[off..];
-                    match packed.get(b * d.heads + h) {
+                    match kv {
                         None => {
                             let vv = View::rows(&vb[off..], inner);
                             let sv = View::rows(s, n);
