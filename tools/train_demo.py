@@ -605,7 +605,11 @@ def train_unet(latents, specs, tok, args, vae=None):
     else:
         unet = UNet2DConditionModel(**unet_kwargs(args.channels))
         text_encoder = CLIPTextModel(text_config())
-    unet, text_encoder = unet.to(device).train(), text_encoder.to(device).train()
+    # channels_last: oneDNN's convolutions run ~14% faster on the CPU in that layout, but the
+    # sums come out in another order, so the shipped run (contiguous) is not reproduced exactly.
+    layout = torch.channels_last if args.channels_last else torch.contiguous_format
+    unet = unet.to(device, memory_format=layout).train()
+    text_encoder = text_encoder.to(device).train()
     n_unet = sum(p.numel() for p in unet.parameters())
     n_text = sum(p.numel() for p in text_encoder.parameters())
     log(f"unet {n_unet / 1e6:.2f}M parameters, text encoder {n_text / 1e6:.2f}M")
@@ -615,7 +619,8 @@ def train_unet(latents, specs, tok, args, vae=None):
     # The v-loss weighs the x0 error by snr + 1; capping that at 5 (a min-SNR-5 variant that
     # keeps full weight on the noisy steps, where the layout is decided) stops the almost
     # clean steps from dominating.
-    weights = torch.clamp(5.0 / (snr + 1.0), max=1.0)
+    weights = torch.clamp(args.snr_cap / (snr + 1.0), max=1.0) if args.snr_cap else \
+        torch.ones_like(snr)
     latents = latents.to(device)
     n, batch = len(latents), args.unet_batch
     params = list(unet.parameters()) + list(text_encoder.parameters())
@@ -647,11 +652,11 @@ def train_unet(latents, specs, tok, args, vae=None):
             # Timesteps with density rising linearly towards pure noise: the noisy half, where
             # the prompt decides colours, shape and place, gets 3/4 of the samples.
             u = torch.rand((batch,), generator=gen)
-            t = (u.sqrt() * SCHEDULE["num_train_timesteps"]).long().clamp(max=999)
+            t = (u ** args.t_power * args.t_max).long().clamp(max=args.t_max - 1)
             noise = torch.randn(x0.shape, generator=gen).to(device)
             t = t.to(device)
             a = alphas_cumprod[t].view(-1, 1, 1, 1)
-            xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+            xt = (a.sqrt() * x0 + (1 - a).sqrt() * noise).contiguous(memory_format=layout)
             target = a.sqrt() * noise - (1 - a).sqrt() * x0  # v (Salimans & Ho 2022)
             context = text_encoder(ids).last_hidden_state
             pred = unet(xt, t, context).sample
@@ -805,6 +810,14 @@ def main():
     ap.add_argument("--channels", type=lambda s: [int(c) for c in s.split(",")],
                     default=[32, 64, 128], help="UNet block_out_channels")
     ap.add_argument("--ema", type=float, default=0.995)
+    ap.add_argument("--t-max", type=int, default=SCHEDULE["num_train_timesteps"],
+                    help="draw training timesteps below this one only")
+    ap.add_argument("--snr-cap", type=float, default=5.0,
+                    help="weight the v-loss by min(1, cap / (SNR + 1)); 0: unweighted")
+    ap.add_argument("--channels-last", action="store_true",
+                    help="train the UNet in channels_last (~14%% faster; not the shipped run)")
+    ap.add_argument("--t-power", type=float, default=0.5,
+                    help="timesteps drawn as 1000 u^p: 0.5 favours the noisy end, 1 is uniform")
     ap.add_argument("--eval-seeds", type=int, default=4, help="images per evaluation prompt")
     ap.add_argument("--eval-steps", type=int, default=30)
     ap.add_argument("--guidance", type=float, default=7.5)
