@@ -646,8 +646,9 @@ def train_unet(latents, specs, tok, args, vae=None):
                 g["lr"] = cosine_lr(step, steps, 100, peak_lr)
             idx = torch.randint(0, n, (batch,), generator=gen)
             x0 = latents[idx.to(device)]
-            # Classifier-free guidance: 10% of captions are empty.
-            caps = [caption(specs[i], rng) if rng.random() >= 0.1 else "" for i in idx.tolist()]
+            # Classifier-free guidance: 10% of captions are empty (--uncond).
+            caps = [caption(specs[i], rng) if rng.random() >= args.uncond else ""
+                    for i in idx.tolist()]
             ids = token_ids(tok, caps).to(device)
             # Timesteps with density rising linearly towards pure noise: the noisy half, where
             # the prompt decides colours, shape and place, gets 3/4 of the samples.
@@ -814,6 +815,8 @@ def main():
                     help="draw training timesteps below this one only")
     ap.add_argument("--snr-cap", type=float, default=5.0,
                     help="weight the v-loss by min(1, cap / (SNR + 1)); 0: unweighted")
+    ap.add_argument("--uncond", type=float, default=0.1,
+                    help="share of empty captions (classifier-free guidance dropout)")
     ap.add_argument("--channels-last", action="store_true",
                     help="train the UNet in channels_last (~14%% faster; not the shipped run)")
     ap.add_argument("--t-power", type=float, default=0.5,
