@@ -616,9 +616,9 @@ def train_unet(latents, specs, tok, args, vae=None):
     noise_sched = DDPMScheduler(**SCHEDULE, prediction_type=PREDICTION)
     alphas_cumprod = noise_sched.alphas_cumprod.to(device)
     snr = alphas_cumprod / (1 - alphas_cumprod)
-    # The v-loss weighs the x0 error by snr + 1; capping that at 5 (a min-SNR-5 variant that
-    # keeps full weight on the noisy steps, where the layout is decided) stops the almost
-    # clean steps from dominating.
+    # The v-loss weighs the x0 error by snr + 1; capping that at --snr-cap, 5 by default (a
+    # min-SNR-5 variant that keeps full weight on the noisy steps, where the layout is decided),
+    # stops the almost clean steps from dominating.
     weights = torch.clamp(args.snr_cap / (snr + 1.0), max=1.0) if args.snr_cap else \
         torch.ones_like(snr)
     latents = latents.to(device)
@@ -650,8 +650,9 @@ def train_unet(latents, specs, tok, args, vae=None):
             caps = [caption(specs[i], rng) if rng.random() >= args.uncond else ""
                     for i in idx.tolist()]
             ids = token_ids(tok, caps).to(device)
-            # Timesteps with density rising linearly towards pure noise: the noisy half, where
-            # the prompt decides colours, shape and place, gets 3/4 of the samples.
+            # By default (--t-power 0.5) timesteps with density rising linearly towards pure
+            # noise: the noisy half, where the prompt decides colours, shape and place, gets 3/4
+            # of the samples.
             u = torch.rand((batch,), generator=gen)
             t = (u ** args.t_power * args.t_max).long().clamp(max=args.t_max - 1)
             noise = torch.randn(x0.shape, generator=gen).to(device)
@@ -813,14 +814,14 @@ def main():
     ap.add_argument("--ema", type=float, default=0.995)
     ap.add_argument("--t-max", type=int, default=SCHEDULE["num_train_timesteps"],
                     help="draw training timesteps below this one only")
+    ap.add_argument("--t-power", type=float, default=0.5,
+                    help="timesteps drawn as t_max u^p: 0.5 favours the noisy end, 1 is uniform")
     ap.add_argument("--snr-cap", type=float, default=5.0,
                     help="weight the v-loss by min(1, cap / (SNR + 1)); 0: unweighted")
     ap.add_argument("--uncond", type=float, default=0.1,
                     help="share of empty captions (classifier-free guidance dropout)")
     ap.add_argument("--channels-last", action="store_true",
                     help="train the UNet in channels_last (~14%% faster; not the shipped run)")
-    ap.add_argument("--t-power", type=float, default=0.5,
-                    help="timesteps drawn as 1000 u^p: 0.5 favours the noisy end, 1 is uniform")
     ap.add_argument("--eval-seeds", type=int, default=4, help="images per evaluation prompt")
     ap.add_argument("--eval-steps", type=int, default=30)
     ap.add_argument("--guidance", type=float, default=7.5)
