@@ -29,10 +29,9 @@ const MASK_DISTANCE: f64 = 60.0;
 const MIN_AREA: usize = 12;
 /// Prompt i of TRAINED then HELD_OUT is drawn with seed EVAL_SEED + i.
 const EVAL_SEED: u64 = 1000;
-/// Share of the trained prompts whose colours (shape and background) must come out right.
+/// Share of the trained prompts that must come out entirely right (shape and background
+/// colour, shape class, and position and size where the prompt names them).
 const REQUIRED: f64 = 0.9;
-/// Share of the trained prompts that must come out entirely right (the model scores 75%).
-const FULLY_RIGHT: f64 = 0.7;
 
 /// What a prompt asks for: (prompt, shape, colour, background, position, size).
 type Case = (
@@ -292,6 +291,10 @@ struct ShapeSeen {
     size: &'static str,
     extent: f64,
     top: f64,
+    /// Overlap (intersection over union) with a square and with a circle of the same area and
+    /// centroid.
+    square_fit: f64,
+    circle_fit: f64,
 }
 
 fn nearest_color(rgb: [f64; 3]) -> &'static str {
@@ -316,19 +319,44 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-/// Shape class from the mask's extent (area over bounding box) and the share of its area in
-/// the upper half of the box: a point-up triangle has 1/4 there, a square fills its box, a
-/// circle ~0.785 of it, the thin-armed star ~0.4.
-fn classify(extent: f64, top: f64) -> &'static str {
+/// Shape class from the mask's extent (area over bounding box), the share of its area in the
+/// upper half of the box, and its overlap with a square and a circle of its own area and
+/// centroid: a point-up triangle has 1/4 of its area in the upper half, the thin-armed star
+/// fills ~0.4 of its box, and a square or circle overlaps its own template by ~1 and the other
+/// by ~0.83. The templates, unlike the box, do not stretch with a bump on an edge.
+fn classify(extent: f64, top: f64, square_fit: f64, circle_fit: f64) -> &'static str {
     if top < 0.38 {
         "triangle"
-    } else if extent > 0.9 {
-        "square"
-    } else if extent > 0.6 {
-        "circle"
-    } else {
+    } else if extent <= 0.6 {
         "star"
+    } else if square_fit > circle_fit {
+        "square"
+    } else {
+        "circle"
     }
+}
+
+/// Intersection over union of the region with an axis-aligned square and with a circle of the
+/// same area, both centred on the region's centroid (pixel centres at +0.5).
+fn template_fits(points: &[(usize, usize)], w: usize, h: usize) -> (f64, f64) {
+    let area = points.len() as f64;
+    let cx = points.iter().map(|p| p.0 as f64 + 0.5).sum::<f64>() / area;
+    let cy = points.iter().map(|p| p.1 as f64 + 0.5).sum::<f64>() / area;
+    let half = area.sqrt() / 2.0;
+    let r2 = area / std::f64::consts::PI;
+    let in_square = |x: f64, y: f64| (x - cx).abs() <= half && (y - cy).abs() <= half;
+    let in_circle = |x: f64, y: f64| (x - cx).powi(2) + (y - cy).powi(2) <= r2;
+    let fit = |inside: &dyn Fn(f64, f64) -> bool| {
+        let template = (0..w * h)
+            .filter(|i| inside((i % w) as f64 + 0.5, (i / w) as f64 + 0.5))
+            .count() as f64;
+        let both = points
+            .iter()
+            .filter(|p| inside(p.0 as f64 + 0.5, p.1 as f64 + 0.5))
+            .count() as f64;
+        both / (area + template - both)
+    };
+    (fit(&in_square), fit(&in_circle))
 }
 
 /// Position class of the bounding box's centre (not the centroid: a triangle's sits low).
@@ -349,7 +377,7 @@ fn position_of(cx: f64, cy: f64, side: f64) -> &'static str {
     }
 }
 
-/// Size class of half the bounding box's longer side (drawn radii: 10, 14, 19 pixels).
+/// Size class of half the bounding box's longer side (drawn radii: 10, 14, 18 pixels).
 fn size_of(radius: f64) -> &'static str {
     if radius < 12.0 {
         "small"
@@ -445,15 +473,18 @@ fn measure(rgb: &[u8], w: usize, h: usize) -> Seen {
     let mean = sum.map(|s| s / area as f64);
     let cx = (x0 + x1 + 1) as f64 / 2.0;
     let cy = (y0 + y1 + 1) as f64 / 2.0;
+    let (square_fit, circle_fit) = template_fits(&points, w, h);
     Seen {
         background,
         shape: Some(ShapeSeen {
             color: nearest_color(mean),
-            class: classify(extent, top),
+            class: classify(extent, top, square_fit, circle_fit),
             position: position_of(cx, cy, w as f64),
             size: size_of(bw.max(bh) / 2.0),
             extent,
             top,
+            square_fit,
+            circle_fit,
         }),
     }
 }
@@ -580,6 +611,30 @@ fn checker_reads_drawn_pictures() {
         ("triangle", "right", "small"),
         "{seen:?}"
     );
+    // A bump on an edge (as a decoder may leave) stretches the bounding box, so the share of
+    // the box filled drops to that of a rounded shape, but the class holds: it comes from the
+    // overlap with a square and a circle of the shape's own area and centroid.
+    let paint = |img: &mut Vec<u8>, xs: std::ops::Range<usize>, ys: std::ops::Range<usize>| {
+        for y in ys {
+            for x in xs.clone() {
+                img[3 * (y * 64 + x)..3 * (y * 64 + x) + 3].copy_from_slice(&[240, 210, 40]);
+            }
+        }
+    };
+    let mut bumped = draw("square", "yellow", "black", 32.0, 32.0, 10.0);
+    paint(&mut bumped, 34..40, 18..22);
+    let seen = measure(&bumped, 64, 64);
+    let s = seen.shape.as_ref().expect("a shape");
+    assert!(s.extent < 0.9, "{seen:?}");
+    assert_eq!((s.class, s.position), ("square", "center"), "{seen:?}");
+    let mut bumped = draw("circle", "yellow", "black", 32.0, 32.0, 14.0);
+    paint(&mut bumped, 45..49, 29..35);
+    let seen = measure(&bumped, 64, 64);
+    assert_eq!(
+        seen.shape.as_ref().map(|s| s.class),
+        Some("circle"),
+        "{seen:?}"
+    );
     // A plain picture has no shape, and the case fails for that reason.
     let plain = vec![40u8; 64 * 64 * 3];
     let seen = measure(&plain, 64, 64);
@@ -668,8 +723,16 @@ fn score(model: &StableDiffusion, label: &str, cases: &[Case], first_seed: u64) 
         };
         let what = match &seen.shape {
             Some(s) => format!(
-                "{} {} {} {} on {} (extent {:.2}, top {:.2})",
-                s.size, s.color, s.class, s.position, seen.background, s.extent, s.top
+                "{} {} {} {} on {} (extent {:.2}, top {:.2}, square fit {:.2}, circle fit {:.2})",
+                s.size,
+                s.color,
+                s.class,
+                s.position,
+                seen.background,
+                s.extent,
+                s.top,
+                s.square_fit,
+                s.circle_fit
             ),
             None => format!("no shape on {}", seen.background),
         };
@@ -710,22 +773,13 @@ fn demo_model_draws_what_the_prompt_says() {
         EVAL_SEED + TRAINED.len() as u64,
     );
     println!("demo model: trained combinations {trained:?}, held-out combinations {held_out:?}");
-    // The shipped model gets the colours right (shape and background) in at least 90% of the
-    // trained combinations, and everything right in 75% of them (diffusers, 4 seeds per
-    // prompt; weights/README.md gives the numbers), short of the 90%. This holds it to
-    // at least 70% fully right on the test's seeds, a guard against regressions; the held-out
-    // combinations are reported only.
+    // At least 90% of the trained combinations come out entirely right (the shipped model:
+    // 94% over 4 seeds per prompt in diffusers, weights/README.md); the held-out combinations
+    // are reported only.
     let need = (REQUIRED * trained.total as f64).ceil() as usize;
     assert!(
-        trained.colors >= need,
-        "colours right in only {}/{} trained prompts, need {need}",
-        trained.colors,
-        trained.total
-    );
-    let need_all = (FULLY_RIGHT * trained.total as f64).ceil() as usize;
-    assert!(
-        trained.all >= need_all,
-        "everything right in only {}/{} trained prompts, need {need_all}",
+        trained.all >= need,
+        "everything right in only {}/{} trained prompts, need {need}",
         trained.all,
         trained.total
     );

@@ -63,7 +63,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E
 
 REPO = Path(__file__).resolve().parent.parent
 SIZE = 64  # image side in pixels
-DATA_VERSION = 2  # bump when the drawing changes, to invalidate --work caches
+DATA_VERSION = 3  # bump when the drawing changes, to invalidate --work caches
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 MAX_LEN = 77
 
@@ -86,8 +86,8 @@ POSITIONS = {
     "bottom": " at the bottom",
     "center": " in the center",
 }
-# Half the shape's extent in pixels, per size class.
-RADIUS = {"small": 10, "medium": 14, "large": 19}
+# Half the shape's extent in pixels, per size class: sides of 5, 7 and 9 latent cells.
+RADIUS = {"small": 10, "medium": 14, "large": 18}
 SIZE_WORDS = {"small": "small ", "medium": "", "large": "large "}
 STAR_INNER = 0.4  # inner radius of the 5-point star, as a fraction of the outer one
 
@@ -199,22 +199,35 @@ def jitter_color(rgb, rng, amount=12):
     return tuple(int(np.clip(v + rng.integers(-amount, amount + 1), 0, 255)) for v in rgb)
 
 
+def snap_to_latent_grid(v, r):
+    """The nearest centre whose bounding box [v - r, v + r) starts on a latent cell boundary
+    (a multiple of the VAE's 4-pixel downsampling; r is 2 mod 4, so v is 2 mod 4), keeping the
+    shape at least 2 pixels inside the picture."""
+    lo, hi = r + 2, SIZE - r - 2
+    g = 4 * round((min(max(v, lo), hi) - 2) / 4) + 2
+    return g + 4 if g < lo else g - 4 if g > hi else g
+
+
 def render(spec, rng, scale=4):
-    """Draws the picture at `scale`x and box-filters it down to SIZE x SIZE (anti-aliased)."""
-    r = RADIUS[spec["size"]] + rng.uniform(-1.0, 1.0)
+    """Draws the picture at `scale`x and box-filters it down to SIZE x SIZE (anti-aliased). The
+    size is exact and the jittered centre snaps to the latent grid, so the bounding box (a
+    square's edges) falls on latent cell boundaries: a model trained on shapes at any sub-cell
+    offset drew squares with rounded corners (weights/README.md)."""
+    r = RADIUS[spec["size"]]
     cx, cy = shape_center(spec, r)
-    cx += rng.uniform(-2.0, 2.0)
-    cy += rng.uniform(-2.0, 2.0)
+    cx = snap_to_latent_grid(cx + rng.uniform(-2.0, 2.0), r)
+    cy = snap_to_latent_grid(cy + rng.uniform(-2.0, 2.0), r)
     big = SIZE * scale
     img = Image.new("RGB", (big, big), jitter_color(COLORS[spec["background"]], rng))
     d = ImageDraw.Draw(img)
     fill = jitter_color(COLORS[spec["color"]], rng)
     cx, cy, r = cx * scale, cy * scale, r * scale
+    # PIL's boxes include their far edge: [x0, x1 - 1] covers x1 - x0 big pixels.
     shape = spec["shape"]
     if shape == "circle":
-        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        d.ellipse([cx - r, cy - r, cx + r - 1, cy + r - 1], fill=fill)
     elif shape == "square":
-        d.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        d.rectangle([cx - r, cy - r, cx + r - 1, cy + r - 1], fill=fill)
     elif shape == "triangle":
         d.polygon([(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)], fill=fill)
     elif shape == "star":
@@ -294,19 +307,39 @@ def measure(img):
     out["cx"] = (x0 + x1 + 1) / 2.0
     out["cy"] = (y0 + y1 + 1) / 2.0
     out["color"] = nearest_color(img[mask].mean(0))
-    out["shape"] = classify_shape(out["extent"], out["top"])
+    out["square_fit"], out["circle_fit"] = template_fits(mask)
+    out["shape"] = classify_shape(out["extent"], out["top"], out["square_fit"], out["circle_fit"])
     out["radius"] = max(bw, bh) / 2.0
     return out
 
 
-def classify_shape(extent, top):
+def template_fits(mask):
+    """Intersection over union of the mask with an axis-aligned square and with a circle of the
+    same area, both centred on its centroid (pixel centres at +0.5)."""
+    ys, xs = np.nonzero(mask)
+    area = len(xs)
+    cx, cy = xs.mean() + 0.5, ys.mean() + 0.5
+    yy, xx = np.mgrid[0 : mask.shape[0], 0 : mask.shape[1]] + 0.5
+    half = math.sqrt(area) / 2
+    square = (np.abs(xx - cx) <= half) & (np.abs(yy - cy) <= half)
+    circle = (xx - cx) ** 2 + (yy - cy) ** 2 <= area / math.pi
+    fits = []
+    for t in (square, circle):
+        both = int((mask & t).sum())
+        fits.append(both / (area + int(t.sum()) - both))
+    return fits[0], fits[1]
+
+
+def classify_shape(extent, top, square_fit, circle_fit):
+    """A point-up triangle has 1/4 of its area in the upper half of its box, the thin-armed
+    star fills ~0.4 of its box; a square or circle overlaps a template of its own kind (same
+    area and centroid) by ~1 and one of the other kind by ~0.83. Unlike the box, the templates
+    do not stretch with a bump on an edge."""
     if top < 0.38:
         return "triangle"
-    if extent > 0.9:
-        return "square"
-    if extent > 0.6:
-        return "circle"
-    return "star"
+    if extent <= 0.6:
+        return "star"
+    return "square" if square_fit > circle_fit else "circle"
 
 
 def position_of(cx, cy):
