@@ -3,8 +3,9 @@
 //! list of prompts is drawn with fixed seeds at the model's defaults (size, scheduler) and
 //! `latent generate`'s defaults (30 steps, guidance 7.5). Each image is then checked by
 //! measurement: the background colour (median of the border), the shape's colour (mean of the
-//! largest region of pixels that differ from the background), its class (mask moments), and
-//! position and size where the prompt names them.
+//! largest region of pixels that differ from the background), its class (mask moments and
+//! the overlap with a same-area square and circle), and position and size where the prompt
+//! names them.
 //!
 //! tools/train_demo.py holds the same prompts, seeds, palette and rules, and prints the same
 //! scores for its own run through diffusers.
