@@ -5,9 +5,8 @@ The data: 64x64 pictures of one flat-coloured shape (circle, square, triangle, s
 six colours on a background of another, at one of five positions and three sizes (placed on
 the VAE's 4-pixel latent grid), captioned in four phrasings ("a small red circle on the left,
 on a blue background", "a blue background with a red circle", ...; size and position words are
-sometimes left out). A fixed set of
-(shape, colour, background) combinations is never drawn in training; the evaluation reports
-them apart.
+sometimes left out). A fixed set of (shape, colour, background) combinations is never drawn in
+training; the evaluation reports them apart.
 
 The model is Stable Diffusion's architecture family at toy size, in the exact diffusers layout:
   vae/           AutoencoderKL, 3 blocks (4x spatial compression), 4 latent channels
