@@ -2042,6 +2042,8 @@ mod tests {
                 scheduler: SchedulerKind::Pndm,
                 karras: false,
                 rng: RngKind::Torch,
+                size_conditioning: Default::default(),
+                preview_every: None,
             },
             repeat: 2,
         }

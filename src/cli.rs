@@ -50,6 +50,11 @@ pub struct ModelArgs {
     /// Precision: auto (f16 on GPU, f32 on CPU), f32, f16 or bf16.
     #[arg(long, default_value = "auto")]
     pub dtype: Precision,
+    /// Decode with this VAE instead of the model's: a tiny VAE (AutoencoderTiny: TAESD for
+    /// SD 1.x/2.x, TAESDXL for SDXL) or another AutoencoderKL (e.g. the SDXL fp16-fix VAE); a
+    /// local folder or hub repo id with config.json and diffusion_pytorch_model.safetensors.
+    #[arg(long, value_name = "PATH_OR_REPO")]
+    pub vae: Option<String>,
 }
 
 /// Flags of one sampling run; shared by generate, walk and batch.
@@ -70,7 +75,8 @@ pub struct SamplingArgs {
     /// Classifier-free guidance scale; <= 1 skips the unconditional pass.
     #[arg(short, long, visible_alias = "cfg", default_value_t = 7.5)]
     pub guidance: f64,
-    /// Scheduler: ddim, pndm, euler, euler-a, dpm++2m. Default: the model's own.
+    /// Scheduler: ddim, pndm, euler, euler-a, dpm++2m, lcm. Default: the model's own
+    /// scheduler_config.json (Turbo repos: euler-a or euler, trailing; LCM repos: lcm).
     #[arg(long)]
     pub scheduler: Option<SchedulerKind>,
     /// Use Karras sigmas (euler, euler-a, dpm++2m).
@@ -79,6 +85,61 @@ pub struct SamplingArgs {
     /// Noise generator: torch reproduces torch.Generator("cpu").manual_seed(seed) + randn.
     #[arg(long, default_value = "torch")]
     pub rng: RngKind,
+    /// SDXL size conditioning: the size the image should look as if it came from
+    /// [default: the image size].
+    #[arg(long, value_name = "W,H", help_heading = "SDXL size conditioning")]
+    pub original_size: Option<Pair>,
+    /// SDXL size conditioning: top-left corner of the crop it should look cut at [default: 0,0].
+    #[arg(long, value_name = "X,Y", help_heading = "SDXL size conditioning")]
+    pub crop_top_left: Option<Pair>,
+    /// SDXL size conditioning: the size it should look made for [default: the image size].
+    #[arg(long, value_name = "W,H", help_heading = "SDXL size conditioning")]
+    pub target_size: Option<Pair>,
+    /// SDXL: --original-size for the negative prompt [default: the prompt's].
+    #[arg(long, value_name = "W,H", help_heading = "SDXL size conditioning")]
+    pub negative_original_size: Option<Pair>,
+    /// SDXL: --crop-top-left for the negative prompt [default: the prompt's].
+    #[arg(long, value_name = "X,Y", help_heading = "SDXL size conditioning")]
+    pub negative_crop_top_left: Option<Pair>,
+    /// SDXL: --target-size for the negative prompt [default: the prompt's].
+    #[arg(long, value_name = "W,H", help_heading = "SDXL size conditioning")]
+    pub negative_target_size: Option<Pair>,
+}
+
+/// Two numbers written `A,B` (or `AxB`): a width and height, or an x and y.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pair(pub usize, pub usize);
+
+impl std::str::FromStr for Pair {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (a, b) = s
+            .split_once(',')
+            .or_else(|| s.split_once('x'))
+            .ok_or_else(|| format!("`{s}`: expected two numbers as A,B"))?;
+        let num = |v: &str| {
+            v.trim()
+                .parse::<usize>()
+                .map_err(|_| format!("`{s}`: `{}` is not a whole number", v.trim()))
+        };
+        Ok(Pair(num(a)?, num(b)?))
+    }
+}
+
+impl SamplingArgs {
+    /// The SDXL size conditioning these flags ask for.
+    pub fn size_conditioning(&self) -> latent::pipeline::SizeConditioning {
+        let pair = |p: Option<Pair>| p.map(|Pair(a, b)| (a, b));
+        latent::pipeline::SizeConditioning {
+            original_size: pair(self.original_size),
+            crop_top_left: pair(self.crop_top_left),
+            target_size: pair(self.target_size),
+            negative_original_size: pair(self.negative_original_size),
+            negative_crop_top_left: pair(self.negative_crop_top_left),
+            negative_target_size: pair(self.negative_target_size),
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -98,6 +159,12 @@ pub struct GenerateArgs {
     /// Images per UNet call.
     #[arg(long = "batch-size", default_value_t = 1)]
     pub batch_size: usize,
+    /// Every N steps, write the picture so far to one preview file beside the output
+    /// (NAME.preview.png, or preview.png in the output folder), replaced atomically so an image
+    /// viewer can watch it. Decoded by --vae when that is a tiny VAE, else by a fast
+    /// approximation (one colour per latent pixel).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub preview_every: Option<u64>,
     /// Start from these latents (.safetensors or .npy, shape (n, 4, h/8, w/8)) instead of noise.
     #[arg(long)]
     pub latents: Option<PathBuf>,

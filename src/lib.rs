@@ -8,6 +8,7 @@ pub mod model;
 pub mod noise;
 pub mod output;
 pub mod pipeline;
+pub mod preview;
 pub mod schedulers;
 pub mod text;
 pub mod walk;

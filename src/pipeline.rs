@@ -6,10 +6,15 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::model::{ModelFiles, UNet, UNetConfig, VaeConfig, VaeDecoder, Weights};
+use crate::model::autoencoder::{Autoencoder, AutoencoderConfig, AutoencoderFiles};
+use crate::model::config::TIME_IDS;
+use crate::model::{
+    guidance_scale_embedding, AddedConditioning, ConfigFile, ModelFiles, UNet, UNetConfig, Weights,
+};
 use crate::noise::{NoiseSource, RngKind};
-use crate::schedulers::{self, Scheduler, SchedulerConfig, SchedulerKind};
-use crate::text::{ClipTextConfig, ClipTextModel, ClipTokenizer};
+use crate::preview::{latents_to_rgb, PreviewImage, PreviewMap};
+use crate::schedulers::{self, DenoisedEstimate, Scheduler, SchedulerConfig, SchedulerKind};
+use crate::text::{ClipOutput, ClipTextConfig, ClipTextModel, ClipTokenizer};
 use crate::{Error, Result};
 
 /// Something the pipeline reports while it works; the library never prints.
@@ -28,6 +33,16 @@ pub enum Event {
     Decoding { first_image: usize, batch: usize },
     /// Something the user should know (prompt truncated, f16 decode fell back to f32, ...).
     Warning(String),
+    /// An in-progress picture of the batch starting at `first_image` after `step` of `steps`
+    /// ([`Sampling::preview_every`]): the clean image the model's output implies, decoded by
+    /// the tiny VAE when the model decodes with one, else by a fixed linear latent-to-RGB map
+    /// (then blocky: one colour per latent pixel). One image per batch row, at image size.
+    Preview {
+        first_image: usize,
+        step: usize,
+        steps: usize,
+        images: Vec<PreviewImage>,
+    },
 }
 
 /// When the three large components (text encoder, UNet, VAE) are in memory.
@@ -68,14 +83,15 @@ impl Stage {
 
 /// The VAE decoder, and (for reduced precision) its weights for an f32 redo.
 struct Vae {
-    decoder: VaeDecoder,
+    decoder: Autoencoder,
     redo_weights: Option<Weights>,
 }
 
 /// The components in memory now, and the time spent loading them so far.
 #[derive(Default)]
 struct Loaded {
-    text_encoder: Option<Arc<ClipTextModel>>,
+    /// The text encoders, in the order of [`StableDiffusion`]'s `text` entries.
+    text_encoder: Option<Arc<Vec<ClipTextModel>>>,
     unet: Option<Arc<UNet>>,
     vae: Option<Arc<Vae>>,
     load_time: Duration,
@@ -106,19 +122,96 @@ impl Loaded {
     }
 }
 
-/// A Stable Diffusion model: tokenizer, text encoder, UNet, VAE decoder and the scheduler
-/// settings from the model's own files. Components are in memory according to its
-/// [`Residency`].
+/// The pipeline families `latent` runs, from `model_index.json`'s `_class_name`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// `StableDiffusionPipeline` (SD 1.x, 2.x, SD-Turbo) and
+    /// `LatentConsistencyModelPipeline` (LCM-distilled SD 1.x): one CLIP text encoder, its
+    /// last hidden state.
+    StableDiffusion,
+    /// `StableDiffusionXLPipeline` (SDXL, SDXL-Turbo, SSD-1B, Vega, LCM-SDXL): two text
+    /// encoders' penultimate hidden states side by side, the second's pooled projection and
+    /// the size ids as added conditioning.
+    StableDiffusionXl,
+}
+
+impl Family {
+    /// The family of a diffusers pipeline class, if `latent` runs it.
+    pub fn from_pipeline_class(class: &str) -> Option<Self> {
+        match class {
+            "StableDiffusionPipeline" | "LatentConsistencyModelPipeline" => {
+                Some(Family::StableDiffusion)
+            }
+            "StableDiffusionXLPipeline" => Some(Family::StableDiffusionXl),
+            _ => None,
+        }
+    }
+
+    /// Short name for metadata and messages ("SD", "SDXL").
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::StableDiffusion => "SD",
+            Family::StableDiffusionXl => "SDXL",
+        }
+    }
+
+    /// The text encoder folders of the family and what the pipeline reads from each:
+    /// (folder, tokenizer folder, hidden states, pooled projection).
+    fn encoders(self) -> &'static [(&'static str, &'static str, ClipOutput, bool)] {
+        match self {
+            Family::StableDiffusion => {
+                &[("text_encoder", "tokenizer", ClipOutput::LastHidden, false)]
+            }
+            Family::StableDiffusionXl => &[
+                ("text_encoder", "tokenizer", ClipOutput::Penultimate, false),
+                (
+                    "text_encoder_2",
+                    "tokenizer_2",
+                    ClipOutput::Penultimate,
+                    true,
+                ),
+            ],
+        }
+    }
+}
+
+/// Pipeline classes whose `model_index.json` we can run (for messages).
+const PIPELINE_CLASSES: &[&str] = &[
+    "StableDiffusionPipeline",
+    "StableDiffusionXLPipeline",
+    "LatentConsistencyModelPipeline",
+];
+
+/// One text encoder of a model: its tokenizer, config and weight file, and what the pipeline
+/// reads from it.
+struct TextEncoderFiles {
+    tokenizer: ClipTokenizer,
+    config: ClipTextConfig,
+    path: PathBuf,
+    output: ClipOutput,
+    projection: bool,
+}
+
+/// A Stable Diffusion model (SD 1.x/2.x, SDXL, their Turbo and LCM variants): tokenizers, text
+/// encoders, UNet, VAE decoder and the scheduler settings from the model's own files.
+/// Components are in memory according to its [`Residency`].
 pub struct StableDiffusion {
     name: String,
-    tokenizer: ClipTokenizer,
-    text_config: ClipTextConfig,
+    family: Family,
+    text: Vec<TextEncoderFiles>,
+    /// SDXL's `force_zeros_for_empty_prompt`: an empty negative prompt is all zeros.
+    force_zeros_for_empty_prompt: bool,
     unet_config: UNetConfig,
-    vae_config: VaeConfig,
-    /// Weight files of the text encoder, UNet and VAE.
-    text_path: PathBuf,
     unet_path: PathBuf,
-    vae_path: PathBuf,
+    /// The decoder: the model's VAE, or the one given in [`LoadOptions::vae`].
+    vae: AutoencoderFiles,
+    /// Name of a replacement VAE (folder name or repo id), recorded in image metadata.
+    vae_name: Option<String>,
+    /// A tiny VAE's decoder kept for previews, loaded on the first one.
+    preview_vae: Mutex<Option<Arc<Autoencoder>>>,
+    /// dtype of the VAE: f32 when the model's dtype is f16 and the VAE config says
+    /// `force_upcast` in an SDXL pipeline (diffusers' rule), else the model's dtype.
+    vae_dtype: DType,
     residency: Residency,
     loaded: Mutex<Loaded>,
     scheduler_config: SchedulerConfig,
@@ -138,8 +231,23 @@ const TOKENIZER_FILES: &[&str] = &[
     "special_tokens_map.json",
 ];
 
-/// Pipeline classes whose `model_index.json` we can run.
-const PIPELINE_CLASSES: &[&str] = &["StableDiffusionPipeline"];
+/// Loads the tokenizer in the model's `folder` (fetching its files from the hub if needed).
+fn load_tokenizer(files: &ModelFiles, folder: &str) -> Result<ClipTokenizer> {
+    let mut dir = None;
+    for f in TOKENIZER_FILES {
+        let rel = format!("{folder}/{f}");
+        if files.has(&rel) {
+            let path = files.get(&rel)?;
+            dir = path.parent().map(Path::to_path_buf);
+        }
+    }
+    let dir = match dir {
+        Some(d) => d,
+        // Nothing there: let the error name the file a CLIP tokenizer needs.
+        None => files.get(&format!("{folder}/vocab.json"))?,
+    };
+    ClipTokenizer::from_dir(&dir)
+}
 
 impl StableDiffusion {
     /// Loads every component of the model in `files` onto `device` in `dtype`, to stay in
@@ -163,15 +271,37 @@ impl StableDiffusion {
         residency: Residency,
         on_event: &mut dyn FnMut(Event),
     ) -> Result<Self> {
+        let options = LoadOptions {
+            residency,
+            vae: None,
+        };
+        Self::load_opts(files, device, dtype, &options, on_event)
+    }
+
+    /// [`Self::load_with`] with every load option: residency and a replacement VAE (the
+    /// model's own VAE is then neither read nor downloaded).
+    pub fn load_opts(
+        files: &ModelFiles,
+        device: &Device,
+        dtype: DType,
+        options: &LoadOptions,
+        on_event: &mut dyn FnMut(Event),
+    ) -> Result<Self> {
+        let residency = options.residency;
         let started = Instant::now();
-        let index = crate::model::ConfigFile::open(&files.get("model_index.json")?)?;
+        let index = ConfigFile::open(&files.get("model_index.json")?)?;
         let class: String = index.req("_class_name")?;
-        if !PIPELINE_CLASSES.contains(&class.as_str()) {
-            return Err(index.error(
+        let family = Family::from_pipeline_class(&class).ok_or_else(|| {
+            index.error(
                 "_class_name",
-                format!("{class} is not supported (latent runs StableDiffusionPipeline models: SD 1.x and 2.x)"),
-            ));
-        }
+                format!(
+                    "{class} is not supported (latent runs {})",
+                    PIPELINE_CLASSES.join(", ")
+                ),
+            )
+        })?;
+        let force_zeros_for_empty_prompt = family == Family::StableDiffusionXl
+            && index.opt("force_zeros_for_empty_prompt", true)?;
         let prefer_fp16 = dtype == DType::F16;
         let act_dtype = if device.is_cpu() && dtype == DType::BF16 {
             DType::F32
@@ -182,49 +312,92 @@ impl StableDiffusion {
         on_event(Event::Loading {
             component: "tokenizer",
         });
-        let mut tokenizer_dir = None;
-        for f in TOKENIZER_FILES {
-            let rel = format!("tokenizer/{f}");
-            if files.has(&rel) {
-                let path = files.get(&rel)?;
-                tokenizer_dir = path.parent().map(Path::to_path_buf);
+        let mut text = Vec::new();
+        for &(folder, tokenizer_folder, output, projection) in family.encoders() {
+            let config_rel = format!("{folder}/config.json");
+            if !files.has(&config_rel) {
+                return Err(Error::MissingFile {
+                    path: files.display_path(&config_rel),
+                    hint: format!(" ({class} needs the text encoder `{folder}`)"),
+                });
             }
+            let config = ClipTextConfig::from_file(&files.get(&config_rel)?)?;
+            let tokenizer = load_tokenizer(files, tokenizer_folder)?;
+            if tokenizer.max_length() > config.max_position_embeddings {
+                return Err(Error::config(
+                    files.get(&format!("{tokenizer_folder}/tokenizer_config.json"))?,
+                    "model_max_length",
+                    format!(
+                        "is {}, but {folder} has only {} positions",
+                        tokenizer.max_length(),
+                        config.max_position_embeddings
+                    ),
+                ));
+            }
+            if let Some(id) = tokenizer.largest_id() {
+                if id as usize >= config.vocab_size {
+                    return Err(Error::config(
+                        files.get(&config_rel)?,
+                        "vocab_size",
+                        format!(
+                            "is {}, but {tokenizer_folder} produces ids up to {id}: the tokenizer \
+                             does not belong to this text encoder",
+                            config.vocab_size
+                        ),
+                    ));
+                }
+            }
+            let path = files.weights(folder, "model", prefer_fp16)?;
+            text.push(TextEncoderFiles {
+                tokenizer,
+                config,
+                path,
+                output,
+                projection,
+            });
         }
-        let tokenizer_dir = match tokenizer_dir {
-            Some(d) => d,
-            // Nothing there: let the error name the file a CLIP tokenizer needs.
-            None => files.get("tokenizer/vocab.json")?,
-        };
-        let tokenizer = ClipTokenizer::from_dir(&tokenizer_dir)?;
-
-        let text_config = ClipTextConfig::from_file(&files.get("text_encoder/config.json")?)?;
-        let text_path = files.weights("text_encoder", "model", prefer_fp16)?;
-        let unet_config = UNetConfig::from_file(&files.get("unet/config.json")?)?;
+        if text
+            .windows(2)
+            .any(|w| w[0].tokenizer.max_length() != w[1].tokenizer.max_length())
+        {
+            return Err(Error::InvalidInput(format!(
+                "{}: the tokenizers' model_max_length differ; their embeddings cannot be joined",
+                files.name()
+            )));
+        }
+        let unet_config_path = files.get("unet/config.json")?;
+        let unet_config = UNetConfig::from_file(&unet_config_path)?;
         let unet_path = files.weights("unet", "diffusion_pytorch_model", prefer_fp16)?;
-        let vae_config = VaeConfig::from_file(&files.get("vae/config.json")?)?;
-        let vae_path = files.weights("vae", "diffusion_pytorch_model", prefer_fp16)?;
+        let vae = match options.vae {
+            Some(vae_files) => AutoencoderFiles::open_standalone(vae_files, prefer_fp16)?,
+            None => AutoencoderFiles::open(files, "vae", prefer_fp16)?,
+        };
         let scheduler_path = files.get("scheduler/scheduler_config.json")?;
         let scheduler_config = SchedulerConfig::from_file(&scheduler_path)?;
-
-        if text_config.hidden_size != unet_config.cross_attention_dim {
-            return Err(Error::config(
-                files.get("unet/config.json")?,
-                "cross_attention_dim",
-                format!(
-                    "is {}, but the text encoder's hidden_size is {}",
-                    unet_config.cross_attention_dim, text_config.hidden_size
-                ),
-            ));
-        }
+        check_unet_fits_encoders(&unet_config_path, &unet_config, family, &text)?;
+        check_vae_fits(&vae, &unet_config, files, options.vae.is_some())?;
+        // diffusers' SDXL pipeline decodes in f32 when the VAE is f16 and says `force_upcast`
+        // (the stock SDXL VAE overflows in f16). bf16 has f32's exponent range, so it cannot
+        // overflow there, and diffusers does not upcast it either.
+        let vae_dtype = if family == Family::StableDiffusionXl
+            && dtype == DType::F16
+            && vae.config.force_upcast()
+        {
+            DType::F32
+        } else {
+            dtype
+        };
         let model = Self {
             name: files.name().to_string(),
-            tokenizer,
-            text_config,
+            family,
+            text,
+            force_zeros_for_empty_prompt,
             unet_config,
-            vae_config,
-            text_path,
             unet_path,
-            vae_path,
+            vae,
+            vae_name: options.vae.map(|v| v.name().to_string()),
+            preview_vae: Mutex::new(None),
+            vae_dtype,
             residency,
             loaded: Mutex::new(Loaded::default()),
             scheduler_config,
@@ -283,20 +456,27 @@ impl StableDiffusion {
         let started = Instant::now();
         match stage {
             Stage::TextEncode => {
-                // The text encoder runs once per prompt; on the CPU it stays f32 even for bf16.
-                let w = Weights::open(&self.text_path, &self.device, self.act_dtype)?;
-                loaded.text_encoder = Some(Arc::new(ClipTextModel::load(&w, &self.text_config)?));
+                // The text encoders run once per prompt; on the CPU they stay f32 even for bf16.
+                let encoders = self
+                    .text
+                    .iter()
+                    .map(|t| {
+                        let w = Weights::open(&t.path, &self.device, self.act_dtype)?;
+                        ClipTextModel::load_with(&w, &t.config, t.projection)
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                loaded.text_encoder = Some(Arc::new(encoders));
             }
             Stage::Denoise => {
                 let w = Weights::open(&self.unet_path, &self.device, self.dtype)?;
                 loaded.unet = Some(Arc::new(UNet::load(&w, &self.unet_config)?));
             }
             Stage::Decode => {
-                let w = Weights::open(&self.vae_path, &self.device, self.dtype)?;
-                let decoder = VaeDecoder::load(&w, &self.vae_config)?;
+                let w = Weights::open(&self.vae.weights, &self.device, self.vae_dtype)?;
+                let decoder = self.vae.load_from(&w)?;
                 loaded.vae = Some(Arc::new(Vae {
                     decoder,
-                    redo_weights: (self.dtype != DType::F32).then_some(w),
+                    redo_weights: (self.vae_dtype != DType::F32).then_some(w),
                 }));
             }
         }
@@ -317,7 +497,7 @@ impl StableDiffusion {
 
     // The getters load and take their component under one lock, so another thread's stage
     // cannot drop it in between.
-    fn text_encoder(&self, on_event: &mut dyn FnMut(Event)) -> Result<Arc<ClipTextModel>> {
+    fn text_encoder(&self, on_event: &mut dyn FnMut(Event)) -> Result<Arc<Vec<ClipTextModel>>> {
         let mut loaded = self.lock();
         self.load_into(&mut loaded, Stage::TextEncode, on_event)?;
         loaded.text_encoder.clone().ok_or_else(not_loaded)
@@ -335,6 +515,15 @@ impl StableDiffusion {
         loaded.vae.clone().ok_or_else(not_loaded)
     }
 
+    /// dtype of the VAE's activations: as the UNet's, unless the VAE was upcast to f32.
+    fn vae_act_dtype(&self) -> DType {
+        if self.vae_dtype == DType::F32 {
+            DType::F32
+        } else {
+            self.act_dtype
+        }
+    }
+
     /// Model name recorded in image metadata.
     pub fn name(&self) -> &str {
         &self.name
@@ -348,12 +537,22 @@ impl StableDiffusion {
 
     /// Default image size in pixels: the UNet's sample_size times the VAE's downscaling.
     pub fn default_size(&self) -> usize {
-        self.unet_config.sample_size * self.vae_config.scale_factor()
+        self.unet_config.sample_size * self.vae.config.scale_factor()
     }
 
     /// Spatial factor between pixels and latents.
     pub fn vae_scale_factor(&self) -> usize {
-        self.vae_config.scale_factor()
+        self.vae.config.scale_factor()
+    }
+
+    /// The name of the replacement VAE, when one was given (for image metadata).
+    pub fn vae_name(&self) -> Option<&str> {
+        self.vae_name.as_deref()
+    }
+
+    /// The decoder's architecture (the model's VAE or the replacement).
+    pub fn vae_config(&self) -> &AutoencoderConfig {
+        &self.vae.config
     }
 
     /// Latent channels the UNet works on.
@@ -381,10 +580,23 @@ impl StableDiffusion {
         schedulers::build(kind, &self.scheduler_config, steps, karras)
     }
 
-    /// Stage 1: encodes the prompt and, with guidance, the negative prompt.
+    /// Whether `guidance` runs classifier-free guidance (an unconditional pass) on this model:
+    /// above 1, unless the UNet takes LCM's guidance embedding instead (diffusers' rule).
+    pub fn uses_cfg(&self, guidance: f64) -> bool {
+        guidance > 1.0 && self.unet_config.time_cond_proj_dim.is_none()
+    }
+
+    /// The model's pipeline family.
+    pub fn family(&self) -> Family {
+        self.family
+    }
+
+    /// Stage 1: encodes the prompt and, when [`Self::uses_cfg`], the negative prompt.
     ///
-    /// Returns (1, tokens, hidden) embeddings; text lost to the 77-token limit is reported as
-    /// a warning event.
+    /// Returns (1, tokens, hidden) embeddings (SDXL: both encoders' side by side, and the
+    /// pooled embedding); text lost to the 77-token limit is reported as a warning event. In
+    /// SDXL models with `force_zeros_for_empty_prompt` an empty negative prompt is all zeros,
+    /// as diffusers does when no negative prompt is given.
     pub fn encode_prompt(
         &self,
         prompt: &str,
@@ -392,33 +604,53 @@ impl StableDiffusion {
         guidance: f64,
         on_event: &mut dyn FnMut(Event),
     ) -> Result<PromptEmbeddings> {
-        let encoder = self.text_encoder(on_event)?;
-        let cond = self.encode_text(&encoder, prompt, "prompt", on_event)?;
-        let uncond = if guidance > 1.0 {
-            Some(self.encode_text(&encoder, negative_prompt, "negative prompt", on_event)?)
-        } else {
+        let encoders = self.text_encoder(on_event)?;
+        let cond = self.encode_text(&encoders, prompt, "prompt", on_event)?;
+        let uncond = if !self.uses_cfg(guidance) {
             None
+        } else if negative_prompt.is_empty() && self.force_zeros_for_empty_prompt {
+            Some(TextConditioning {
+                context: cond.context.zeros_like()?,
+                pooled: cond.pooled.as_ref().map(Tensor::zeros_like).transpose()?,
+            })
+        } else {
+            Some(self.encode_text(&encoders, negative_prompt, "negative prompt", on_event)?)
         };
         Ok(PromptEmbeddings { cond, uncond })
     }
 
     fn encode_text(
         &self,
-        encoder: &ClipTextModel,
+        encoders: &[ClipTextModel],
         text: &str,
         what: &str,
         on_event: &mut dyn FnMut(Event),
-    ) -> Result<Tensor> {
-        let tokens = self.tokenizer.encode(text)?;
-        if let Some(dropped) = &tokens.dropped {
-            on_event(Event::Warning(format!(
-                "the {what} is longer than {} tokens; this part was dropped: {dropped:?}",
-                self.tokenizer.max_length()
-            )));
+    ) -> Result<TextConditioning> {
+        let mut hidden = Vec::with_capacity(encoders.len());
+        let mut pooled = None;
+        for (i, (files, encoder)) in self.text.iter().zip(encoders).enumerate() {
+            let tokens = files.tokenizer.encode(text)?;
+            // Both SDXL tokenizers split the same text the same way: warn once.
+            if let (0, Some(dropped)) = (i, &tokens.dropped) {
+                on_event(Event::Warning(format!(
+                    "the {what} is longer than {} tokens; this part was dropped: {dropped:?}",
+                    files.tokenizer.max_length()
+                )));
+            }
+            let n = tokens.ids.len();
+            let ids = Tensor::from_vec(tokens.ids, (1, n), &self.device)?;
+            let out = encoder.encode(&ids, files.output)?;
+            hidden.push(out.hidden);
+            if files.projection {
+                pooled = out.pooled;
+            }
         }
-        let n = tokens.ids.len();
-        let ids = Tensor::from_vec(tokens.ids, (1, n), &self.device)?;
-        Ok(encoder.forward(&ids)?.to_dtype(DType::F32)?)
+        let context = if hidden.len() == 1 {
+            hidden.remove(0)
+        } else {
+            Tensor::cat(&hidden, 2)?
+        };
+        Ok(TextConditioning { context, pooled })
     }
 
     /// Stage 4: initial latents for one batch: fresh noise from `noise` (row i from image i's
@@ -450,23 +682,60 @@ impl StableDiffusion {
     }
 
     /// Stage 5: the denoising loop with classifier-free guidance (when `embeddings` has an
-    /// unconditional part). `latents` is (b, c, h, w) f32; returns the final latents in f32.
-    /// Loads the UNet first when it is not resident (without a loading event: call
-    /// [`Self::ensure_loaded`] first to see one).
+    /// unconditional part). `latents` is (b, c, h, w) f32; `time_ids` are SDXL's size ids for
+    /// this batch ([`Self::time_ids`]); returns the final latents in f32. Loads the UNet first
+    /// when it is not resident (without a loading event: call [`Self::ensure_loaded`] first to
+    /// see one).
+    #[allow(clippy::too_many_arguments)]
     pub fn denoise(
         &self,
         latents: Tensor,
         embeddings: &PromptEmbeddings,
         guidance: f64,
+        time_ids: Option<&TimeIds>,
         scheduler: &mut dyn Scheduler,
         noise: &mut dyn NoiseSource,
-        on_step: &mut dyn FnMut(usize, usize),
+        preview_every: Option<usize>,
+        on_step: &mut dyn FnMut(usize, usize, Option<Tensor>) -> Result<()>,
     ) -> Result<Tensor> {
         let unet = self.unet(&mut |_| {})?;
         let b = latents.dim(0)?;
         let context = embeddings.batched(b)?.to_dtype(self.act_dtype)?;
         let cfg = embeddings.uncond.is_some();
+        let rows = if cfg { 2 * b } else { b };
+        // SDXL: pooled text embeddings and size ids, [uncond x b, cond x b] like the context.
+        let text_time = match (&self.unet_config.text_time, embeddings.batched_pooled(b)?) {
+            (Some(_), Some(pooled)) => {
+                let ids = time_ids.ok_or_else(|| {
+                    Error::InvalidInput("internal error: SDXL size ids are missing".into())
+                })?;
+                Some((pooled, ids.batched(b, cfg, &self.device)?))
+            }
+            (None, None) => None,
+            _ => {
+                return Err(Error::InvalidInput(
+                    "internal error: pooled embeddings do not match the UNet".into(),
+                ))
+            }
+        };
+        // LCM: the guidance scale enters as an embedding of w = guidance - 1 (no CFG pass).
+        let timestep_cond = match self.unet_config.time_cond_proj_dim {
+            Some(dim) => Some(guidance_scale_embedding(
+                &vec![(guidance - 1.0) as f32; rows],
+                dim,
+                &self.device,
+            )?),
+            None => None,
+        };
+        let added = AddedConditioning {
+            text_time: text_time.as_ref().map(|(p, t)| (p, t)),
+            timestep_cond: timestep_cond.as_ref(),
+        };
         let timesteps = scheduler.timesteps().to_vec();
+        let estimate = match preview_every {
+            Some(_) => Some(DenoisedEstimate::new(&self.scheduler_config)?),
+            None => None,
+        };
         let mut latents = latents;
         for (i, &t) in timesteps.iter().enumerate() {
             let model_input = if cfg {
@@ -478,7 +747,7 @@ impl StableDiffusion {
                 .scale_model_input(&model_input, i)?
                 .to_dtype(self.act_dtype)?;
             let pred = unet
-                .forward(&model_input, t, &context)?
+                .forward_with(&model_input, t, &context, &added)?
                 .to_dtype(DType::F32)?;
             let pred = if cfg {
                 let uncond = pred.narrow(0, 0, b)?;
@@ -487,10 +756,98 @@ impl StableDiffusion {
             } else {
                 pred
             };
+            // A preview every n steps, and none after the last (the image itself follows).
+            let denoised = match (&estimate, preview_every) {
+                (Some(e), Some(n)) if (i + 1) % n == 0 && i + 1 < timesteps.len() => {
+                    let input = scheduler.scale_model_input(&latents, i)?;
+                    Some(e.estimate(&input, &pred, t)?)
+                }
+                _ => None,
+            };
             latents = scheduler.step(&pred, i, &latents, noise)?;
-            on_step(i + 1, timesteps.len());
+            on_step(i + 1, timesteps.len(), denoised)?;
         }
         Ok(latents)
+    }
+
+    /// SDXL's size ids for an image of `width` x `height` under `size` (diffusers'
+    /// `_get_add_time_ids`: original size, crop top-left and target size, each as (y, x));
+    /// `None` for models without size conditioning.
+    pub fn time_ids(
+        &self,
+        width: usize,
+        height: usize,
+        size: &SizeConditioning,
+    ) -> Option<TimeIds> {
+        self.unet_config.text_time.as_ref()?;
+        let ids = |original: Option<(usize, usize)>,
+                   crop: Option<(usize, usize)>,
+                   target: Option<(usize, usize)>| {
+            let (ow, oh) = original.unwrap_or((width, height));
+            let (cx, cy) = crop.unwrap_or((0, 0));
+            let (tw, th) = target.unwrap_or((width, height));
+            [oh, ow, cy, cx, th, tw].map(|v| v as f32)
+        };
+        let cond = ids(size.original_size, size.crop_top_left, size.target_size);
+        // diffusers uses separate negative ids only when negative sizes are given; a missing
+        // negative field then takes the same default as its positive counterpart would.
+        let uncond = if size.has_negative() {
+            ids(
+                size.negative_original_size,
+                size.negative_crop_top_left,
+                size.negative_target_size,
+            )
+        } else {
+            cond
+        };
+        Some(TimeIds { cond, uncond })
+    }
+
+    /// Quick pictures of latents (b, c, h, w) at `width` x `height`: the tiny VAE's decode when
+    /// the model decodes with one, else the family's linear latent-to-RGB map, upscaled.
+    pub fn preview(
+        &self,
+        latents: &Tensor,
+        width: usize,
+        height: usize,
+    ) -> Result<Vec<PreviewImage>> {
+        if matches!(self.vae.config, AutoencoderConfig::Tiny(_)) {
+            // The tiny VAE (a few MB) is kept for previews apart from the staged components,
+            // so a preview never evicts the UNet.
+            let decoder = {
+                let mut slot = self.preview_vae.lock().unwrap_or_else(|e| e.into_inner());
+                match &*slot {
+                    Some(d) => Arc::clone(d),
+                    None => {
+                        let d = Arc::new(self.vae.load(&self.device, self.vae_dtype)?);
+                        *slot = Some(Arc::clone(&d));
+                        d
+                    }
+                }
+            };
+            let images = decoder
+                .decode(&latents.to_dtype(self.vae_act_dtype())?)?
+                .to_dtype(DType::F32)?;
+            let images = ((images / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
+            let (b, _, h, w) = images.dims4()?;
+            return (0..b)
+                .map(|i| {
+                    Ok(PreviewImage {
+                        width: w,
+                        height: h,
+                        rgb: to_rgb8(&images.get(i)?)?,
+                    })
+                })
+                .collect();
+        }
+        let map = match self.family {
+            Family::StableDiffusion => PreviewMap::Sd,
+            Family::StableDiffusionXl => PreviewMap::Sdxl,
+        };
+        latents_to_rgb(latents, map)?
+            .iter()
+            .map(|p| p.resize_nearest(width, height))
+            .collect()
     }
 
     /// Stage 6: decodes final latents into images in [0, 1], (b, 3, H, W) f32.
@@ -501,7 +858,7 @@ impl StableDiffusion {
         let vae = self.vae(on_event)?;
         let images = vae
             .decoder
-            .decode(&latents.to_dtype(self.act_dtype)?)?
+            .decode(&latents.to_dtype(self.vae_act_dtype())?)?
             .to_dtype(DType::F32)?;
         // Only a reduced-precision decode keeps the weights for a redo; f32 never checks.
         let redo = match &vae.redo_weights {
@@ -511,9 +868,9 @@ impl StableDiffusion {
         let images = if let Some(vae_weights) = redo {
             on_event(Event::Warning(format!(
                 "the VAE decode in {:?} produced NaN/inf values; decoding again in f32",
-                self.dtype
+                self.vae_dtype
             )));
-            let vae32 = VaeDecoder::load(&vae_weights.with_dtype(DType::F32), &self.vae_config)?;
+            let vae32 = self.vae.load_from(&vae_weights.with_dtype(DType::F32))?;
             vae32.decode(&latents.to_dtype(DType::F32)?)?
         } else {
             images
@@ -620,19 +977,32 @@ impl StableDiffusion {
             given,
         )?;
         let start = Instant::now();
+        let time_ids = self.time_ids(s.width, s.height, &s.size_conditioning);
         let latents = self.denoise(
             latents,
             embeddings,
             s.guidance,
+            time_ids.as_ref(),
             scheduler.as_mut(),
             noise.as_mut(),
-            &mut |step, steps| {
+            s.preview_every,
+            &mut |step, steps, denoised| {
+                if let Some(x0) = denoised {
+                    let images = self.preview(&x0, s.width, s.height)?;
+                    on_event(Event::Preview {
+                        first_image,
+                        step,
+                        steps,
+                        images,
+                    });
+                }
                 on_event(Event::Step {
                     first_image,
                     batch: b,
                     step,
                     steps,
-                })
+                });
+                Ok(())
             },
         )?;
         timings.denoise += start.elapsed();
@@ -726,6 +1096,123 @@ impl StableDiffusion {
     }
 }
 
+/// The UNet's text inputs must be what the family's encoders produce: the cross-attention
+/// width, and for SDXL the pooled width inside `projection_class_embeddings_input_dim`.
+fn check_unet_fits_encoders(
+    unet_path: &Path,
+    unet: &UNetConfig,
+    family: Family,
+    text: &[TextEncoderFiles],
+) -> Result<()> {
+    let widths: Vec<String> = text
+        .iter()
+        .map(|t| t.config.hidden_size.to_string())
+        .collect();
+    let context: usize = text.iter().map(|t| t.config.hidden_size).sum();
+    if unet.cross_attention_dim != context {
+        return Err(Error::config(
+            unet_path,
+            "cross_attention_dim",
+            format!(
+                "is {}, but the text encoder{} give{} {}",
+                unet.cross_attention_dim,
+                if text.len() > 1 { "s" } else { "" },
+                if text.len() > 1 { "" } else { "s" },
+                if text.len() > 1 {
+                    format!("{} = {context}", widths.join(" + "))
+                } else {
+                    context.to_string()
+                }
+            ),
+        ));
+    }
+    match (family, &unet.text_time) {
+        (Family::StableDiffusion, None) => Ok(()),
+        (Family::StableDiffusion, Some(_)) => Err(Error::config(
+            unet_path,
+            "addition_embed_type",
+            "is \"text_time\" (an SDXL UNet), but model_index.json names a single-encoder \
+             pipeline",
+        )),
+        (Family::StableDiffusionXl, None) => Err(Error::config(
+            unet_path,
+            "addition_embed_type",
+            "must be \"text_time\" in an SDXL pipeline (pooled text and size conditioning)",
+        )),
+        (Family::StableDiffusionXl, Some(tt)) => {
+            let pooled = text
+                .iter()
+                .find(|t| t.projection)
+                .map(|t| t.config.projection_dim)
+                .unwrap_or(0);
+            if tt.pooled_dim() != pooled {
+                return Err(Error::config(
+                    unet_path,
+                    "projection_class_embeddings_input_dim",
+                    format!(
+                        "is {}, but 6 size ids of {} plus text_encoder_2's projection_dim {pooled} \
+                         make {}",
+                        tt.input_dim,
+                        tt.time_embed_dim,
+                        TIME_IDS * tt.time_embed_dim + pooled
+                    ),
+                ));
+            }
+            Ok(())
+        }
+    }
+}
+
+/// A decoder must read the UNet's latents: same channels. A replacement must also keep the
+/// model VAE's pixel grid (an 8x tiny VAE for an 8x model), which sizes the default image.
+fn check_vae_fits(
+    vae: &AutoencoderFiles,
+    unet: &UNetConfig,
+    files: &ModelFiles,
+    replacement: bool,
+) -> Result<()> {
+    let channels = vae.config.latent_channels();
+    if channels != unet.in_channels {
+        return Err(Error::config(
+            &vae.config_path,
+            "latent_channels",
+            format!(
+                "is {channels}, but the UNet of {} works on {} channels: this {} belongs to \
+                 another model family",
+                files.name(),
+                unet.in_channels,
+                vae.config.class_name()
+            ),
+        ));
+    }
+    if replacement && files.has("vae/config.json") {
+        let own = AutoencoderFiles::open_config_only(files, "vae")?;
+        if own.scale_factor() != vae.config.scale_factor() {
+            return Err(Error::config(
+                &vae.config_path,
+                "block_out_channels",
+                format!(
+                    "this VAE scales latents by {}, the model's own VAE by {}",
+                    vae.config.scale_factor(),
+                    own.scale_factor()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// How [`StableDiffusion::load_opts`] loads a model.
+#[derive(Default)]
+pub struct LoadOptions<'a> {
+    /// When the large components are in memory.
+    pub residency: Residency,
+    /// A VAE to decode with instead of the model's own: an `AutoencoderTiny` (TAESD,
+    /// TAESDXL) or an `AutoencoderKL` (e.g. the SDXL fp16-fix VAE), in a folder or hub repo
+    /// with `config.json` at its top, or a model with a `vae/` folder.
+    pub vae: Option<&'a ModelFiles>,
+}
+
 /// Unreachable: a getter loads its component under the same lock it reads it with.
 fn not_loaded() -> Error {
     Error::InvalidInput("internal error: a model component was not loaded".into())
@@ -743,48 +1230,174 @@ pub fn to_rgb8(image: &Tensor) -> Result<Vec<u8>> {
     Ok(v.into_iter().map(|x| x as u8).collect())
 }
 
+/// The text conditioning of one prompt: what the UNet cross-attends to and, for SDXL, the
+/// pooled embedding of the second text encoder.
+#[derive(Debug, Clone)]
+pub struct TextConditioning {
+    /// (rows, tokens, cross_attention_dim), f32.
+    pub context: Tensor,
+    /// (rows, pooled_dim), f32; SDXL only.
+    pub pooled: Option<Tensor>,
+}
+
+impl TextConditioning {
+    /// Applies `f` to the matching tensors of `a` and `b` (walks interpolate this way).
+    pub fn zip_with(
+        a: &Self,
+        b: &Self,
+        mut f: impl FnMut(&Tensor, &Tensor) -> Result<Tensor>,
+    ) -> Result<Self> {
+        let pooled = match (&a.pooled, &b.pooled) {
+            (Some(pa), Some(pb)) => Some(f(pa, pb)?),
+            (None, None) => None,
+            _ => {
+                return Err(Error::InvalidInput(
+                    "one prompt has a pooled embedding and the other not".into(),
+                ))
+            }
+        };
+        Ok(Self {
+            context: f(&a.context, &b.context)?,
+            pooled,
+        })
+    }
+
+    fn stack(items: &[&TextConditioning]) -> Result<Self> {
+        let contexts: Vec<&Tensor> = items.iter().map(|c| &c.context).collect();
+        let pooled = if items.iter().all(|c| c.pooled.is_some()) && !items.is_empty() {
+            let p: Vec<&Tensor> = items.iter().filter_map(|c| c.pooled.as_ref()).collect();
+            Some(Tensor::cat(&p, 0)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            context: Tensor::cat(&contexts, 0)?,
+            pooled,
+        })
+    }
+}
+
 /// Prompt embeddings: conditional, and unconditional when guidance is on.
 #[derive(Debug, Clone)]
 pub struct PromptEmbeddings {
-    /// (1, tokens, hidden), f32.
-    pub cond: Tensor,
-    /// (1, tokens, hidden), f32; `None` when guidance <= 1.
-    pub uncond: Option<Tensor>,
+    /// The prompt's conditioning, 1 row (or one per image, for walks).
+    pub cond: TextConditioning,
+    /// The negative prompt's; `None` without classifier-free guidance.
+    pub uncond: Option<TextConditioning>,
+}
+
+/// Repeats a tensor of 1 row to `b` rows, or checks it already has `b`.
+fn rows_of(t: &Tensor, b: usize) -> Result<Tensor> {
+    match t.dim(0)? {
+        1 => {
+            let mut reps = vec![1; t.rank()];
+            reps[0] = b;
+            Ok(t.repeat(reps)?)
+        }
+        n if n == b => Ok(t.clone()),
+        n => Err(Error::InvalidInput(format!(
+            "prompt embeddings have {n} rows for a batch of {b}"
+        ))),
+    }
 }
 
 impl PromptEmbeddings {
     /// The UNet's context for a batch of `b`: [uncond x b, cond x b] with guidance (diffusers'
     /// order), else cond x b. Embeddings of batch 1 are repeated; others must have `b` rows.
     pub fn batched(&self, b: usize) -> Result<Tensor> {
-        let rows = |t: &Tensor| -> Result<Tensor> {
-            match t.dim(0)? {
-                1 => Ok(t.repeat((b, 1, 1))?),
-                n if n == b => Ok(t.clone()),
-                n => Err(Error::InvalidInput(format!(
-                    "prompt embeddings have {n} rows for a batch of {b}"
-                ))),
-            }
-        };
-        let cond = rows(&self.cond)?;
+        let cond = rows_of(&self.cond.context, b)?;
         Ok(match &self.uncond {
-            Some(u) => Tensor::cat(&[&rows(u)?, &cond], 0)?,
+            Some(u) => Tensor::cat(&[&rows_of(&u.context, b)?, &cond], 0)?,
             None => cond,
         })
     }
 
+    /// The pooled embeddings batched as [`Self::batched`] does the context; `None` when the
+    /// model has none.
+    pub fn batched_pooled(&self, b: usize) -> Result<Option<Tensor>> {
+        let Some(cond) = &self.cond.pooled else {
+            return Ok(None);
+        };
+        let cond = rows_of(cond, b)?;
+        Ok(Some(
+            match self.uncond.as_ref().map(|u| u.pooled.as_ref()) {
+                Some(Some(u)) => Tensor::cat(&[&rows_of(u, b)?, &cond], 0)?,
+                Some(None) => {
+                    return Err(Error::InvalidInput(
+                        "the negative prompt has no pooled embedding".into(),
+                    ))
+                }
+                None => cond,
+            },
+        ))
+    }
+
     /// Stacks per-image embeddings (each of batch 1) into one of batch n.
     pub fn stack(items: &[PromptEmbeddings]) -> Result<Self> {
-        let conds: Vec<&Tensor> = items.iter().map(|e| &e.cond).collect();
+        let conds: Vec<&TextConditioning> = items.iter().map(|e| &e.cond).collect();
         let uncond = if items.iter().all(|e| e.uncond.is_some()) && !items.is_empty() {
-            let u: Vec<&Tensor> = items.iter().filter_map(|e| e.uncond.as_ref()).collect();
-            Some(Tensor::cat(&u, 0)?)
+            let u: Vec<&TextConditioning> =
+                items.iter().filter_map(|e| e.uncond.as_ref()).collect();
+            Some(TextConditioning::stack(&u)?)
         } else {
             None
         };
         Ok(Self {
-            cond: Tensor::cat(&conds, 0)?,
+            cond: TextConditioning::stack(&conds)?,
             uncond,
         })
+    }
+}
+
+/// SDXL's size ids of one image, six values each: original (h, w), crop (top, left),
+/// target (h, w), for the prompt and for the negative prompt.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TimeIds {
+    pub cond: [f32; TIME_IDS],
+    pub uncond: [f32; TIME_IDS],
+}
+
+impl TimeIds {
+    /// (rows, 6) f32: [uncond x b, cond x b] with guidance, else cond x b.
+    fn batched(&self, b: usize, cfg: bool, device: &Device) -> Result<Tensor> {
+        let mut data = Vec::with_capacity(2 * b * TIME_IDS);
+        if cfg {
+            (0..b).for_each(|_| data.extend_from_slice(&self.uncond));
+        }
+        (0..b).for_each(|_| data.extend_from_slice(&self.cond));
+        let rows = data.len() / TIME_IDS;
+        Ok(Tensor::from_vec(data, (rows, TIME_IDS), device)?)
+    }
+}
+
+/// SDXL's size conditioning ("micro-conditioning"), in pixels as (width, height) and (x, y).
+/// Unset sizes default as in diffusers: the image size, and a crop at (0, 0). Other models
+/// ignore it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SizeConditioning {
+    /// The size the picture should look as if it came from.
+    pub original_size: Option<(usize, usize)>,
+    /// Top-left corner of the crop it should look as if it was cut at.
+    pub crop_top_left: Option<(usize, usize)>,
+    /// The size it should look as if it was made for.
+    pub target_size: Option<(usize, usize)>,
+    /// The same three for the negative prompt; all unset = the prompt's.
+    pub negative_original_size: Option<(usize, usize)>,
+    pub negative_crop_top_left: Option<(usize, usize)>,
+    pub negative_target_size: Option<(usize, usize)>,
+}
+
+impl SizeConditioning {
+    /// Whether any negative size is set.
+    pub fn has_negative(&self) -> bool {
+        self.negative_original_size.is_some()
+            || self.negative_crop_top_left.is_some()
+            || self.negative_target_size.is_some()
+    }
+
+    /// Whether anything differs from the defaults.
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
     }
 }
 
@@ -799,6 +1412,10 @@ pub struct Sampling {
     pub karras: bool,
     /// Generator of the noise.
     pub rng: RngKind,
+    /// SDXL's size conditioning (ignored by other models).
+    pub size_conditioning: SizeConditioning,
+    /// Report an [`Event::Preview`] every this many steps (`None`: never). Changes no pixel.
+    pub preview_every: Option<usize>,
 }
 
 /// What to generate.

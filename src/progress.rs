@@ -134,7 +134,8 @@ impl Progress {
                 let _ = step;
                 bar.inc(1);
             }
-            Event::Decoding { .. } => {}
+            // Preview files are the command's business (see `generate`).
+            Event::Decoding { .. } | Event::Preview { .. } => {}
             Event::Warning(w) => self.println(&format!("warning: {w}")),
         }
     }

@@ -173,6 +173,12 @@ impl ClipTokenizer {
         self.max_length
     }
 
+    /// The largest id this tokenizer can produce (vocabulary and added tokens), if any.
+    pub fn largest_id(&self) -> Option<u32> {
+        let n = self.tokenizer.get_vocab_size(true);
+        (n > 0).then(|| n as u32 - 1)
+    }
+
     /// Id of the pad token (`<|endoftext|>` 49407 for SD 1.x, `!` 0 for SD 2.x).
     pub fn pad_id(&self) -> u32 {
         self.pad_id
@@ -378,6 +384,11 @@ pub struct ClipTextConfig {
     pub hidden_act: ClipActivation,
     /// transformers' default 1e-5 when the file has none.
     pub layer_norm_eps: f64,
+    /// Width of `text_projection` (`CLIPTextModelWithProjection`); transformers' default 512.
+    pub projection_dim: usize,
+    /// Where the pooled output is read: the first position of this id, or, for the legacy
+    /// value 2 that SD-era configs carry, the position of the highest id (CLIP's eos).
+    pub eos_token_id: u32,
 }
 
 impl ClipTextConfig {
@@ -415,6 +426,8 @@ impl ClipTextConfig {
             max_position_embeddings: positive("max_position_embeddings")?,
             hidden_act,
             layer_norm_eps: f.opt("layer_norm_eps", 1e-5)?,
+            projection_dim: f.opt("projection_dim", 512)?,
+            eos_token_id: f.opt("eos_token_id", 49407)?,
         };
         if !config
             .hidden_size
@@ -527,14 +540,36 @@ fn norm_f32(ln: &LayerNorm, xs: &Tensor) -> Result<Tensor> {
     Ok(ln.forward(&xs.to_dtype(DType::F32)?)?.to_dtype(dtype)?)
 }
 
-/// transformers' `CLIPTextModel` up to `last_hidden_state`: token + position embeddings,
-/// causal pre-norm encoder layers, final layer norm.
+/// What a pipeline reads from the text encoder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClipOutput {
+    /// `last_hidden_state`: the last layer's output after the final layer norm (SD 1.x/2.x).
+    LastHidden,
+    /// `hidden_states[-2]`: the penultimate layer's output, without the final layer norm
+    /// (SDXL, both encoders).
+    Penultimate,
+}
+
+/// The text encoder's outputs for a batch of token ids.
+#[derive(Debug, Clone)]
+pub struct ClipEncoding {
+    /// (b, seq, hidden), as [`ClipOutput`] asked.
+    pub hidden: Tensor,
+    /// (b, projection_dim): the final-normed hidden state at the eos position through
+    /// `text_projection` (`CLIPTextModelWithProjection`'s `text_embeds`); present when the
+    /// model was loaded with its projection.
+    pub pooled: Option<Tensor>,
+}
+
+/// transformers' `CLIPTextModel` (and `CLIPTextModelWithProjection` when loaded with its
+/// projection): token + position embeddings, causal pre-norm encoder layers, final layer norm.
 #[derive(Debug)]
 pub struct ClipTextModel {
     token_embedding: Embedding,
     position_embedding: Tensor,
     layers: Vec<ClipEncoderLayer>,
     final_layer_norm: LayerNorm,
+    text_projection: Option<Linear>,
     config: ClipTextConfig,
 }
 
@@ -542,6 +577,23 @@ impl ClipTextModel {
     /// Loads the encoder from `weights` (rooted at the file; tensors under `text_model.`), in
     /// the weights' dtype on their device. Layer norms are kept in f32.
     pub fn load(weights: &Weights, config: &ClipTextConfig) -> Result<Self> {
+        Self::load_with(weights, config, false)
+    }
+
+    /// [`Self::load`], also loading `text_projection.weight` (no bias) when `projection` is set,
+    /// as `CLIPTextModelWithProjection` (SDXL's second encoder) has it. The projection stays
+    /// in f32: it runs once per prompt.
+    pub fn load_with(weights: &Weights, config: &ClipTextConfig, projection: bool) -> Result<Self> {
+        let text_projection = if projection {
+            Some(linear(
+                &weights.with_dtype(DType::F32).pp("text_projection"),
+                config.hidden_size,
+                config.projection_dim,
+                false,
+            )?)
+        } else {
+            None
+        };
         let w = weights.pp("text_model");
         let c = config;
         let emb = w.pp("embeddings");
@@ -566,6 +618,7 @@ impl ClipTextModel {
             position_embedding,
             layers,
             final_layer_norm,
+            text_projection,
             config: c.clone(),
         })
     }
@@ -575,10 +628,16 @@ impl ClipTextModel {
         &self.config
     }
 
-    /// `input_ids` (b, seq) u32 -> `last_hidden_state` (b, seq, hidden) in the model's dtype,
-    /// after the final layer norm. No padding mask: Stable Diffusion attends over the pad
+    /// `input_ids` (b, seq) u32 -> `last_hidden_state` (b, seq, hidden) in f32 (computed in
+    /// the model's dtype), after the final layer norm. No padding mask: Stable Diffusion attends over the pad
     /// tokens too (only the causal mask applies).
     pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
+        Ok(self.encode(input_ids, ClipOutput::LastHidden)?.hidden)
+    }
+
+    /// `input_ids` (b, seq) u32 -> the hidden states `output` names (b, seq, hidden) and,
+    /// with a projection, the pooled `text_embeds` (b, projection_dim), both f32.
+    pub fn encode(&self, input_ids: &Tensor, output: ClipOutput) -> Result<ClipEncoding> {
         let (b, seq) = input_ids.dims2()?;
         let c = &self.config;
         if seq == 0 || seq > c.max_position_embeddings {
@@ -599,12 +658,59 @@ impl ClipTextModel {
         let positions = self.position_embedding.narrow(0, 0, seq)?;
         let mut xs = tokens.broadcast_add(&positions)?;
         let mask = causal_mask(seq, xs.device())?;
-        for layer in &self.layers {
+        let n = self.layers.len();
+        // Without a projection nothing needs the last layer when the penultimate is asked for.
+        let run = match (output, &self.text_projection) {
+            (ClipOutput::Penultimate, None) => n - 1,
+            _ => n,
+        };
+        let mut penultimate = None;
+        for (i, layer) in self.layers.iter().take(run).enumerate() {
+            if i + 1 == n {
+                penultimate = Some(xs.clone());
+            }
             xs = layer.forward(&xs, &mask)?;
         }
-        let out = norm_f32(&self.final_layer_norm, &xs)?;
-        debug_assert_eq!(out.dims(), &[b, seq, c.hidden_size]);
-        Ok(out)
+        let penultimate = penultimate.unwrap_or_else(|| xs.clone());
+        let last = if run == n || output == ClipOutput::LastHidden {
+            Some(norm_f32(&self.final_layer_norm, &xs)?.to_dtype(DType::F32)?)
+        } else {
+            None
+        };
+        let pooled = match (&self.text_projection, &last) {
+            (Some(proj), Some(last)) => {
+                let rows = input_ids.to_dtype(DType::U32)?.to_vec2::<u32>()?;
+                let picked = rows
+                    .iter()
+                    .enumerate()
+                    .map(|(i, row)| {
+                        let pos = pooled_position(row, c.eos_token_id);
+                        last.get(i)?.get(pos)
+                    })
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                Some(proj.forward(&Tensor::stack(&picked, 0)?)?)
+            }
+            _ => None,
+        };
+        let hidden = match output {
+            ClipOutput::LastHidden => last.ok_or_else(|| {
+                Error::InvalidInput("internal error: the last layer did not run".into())
+            })?,
+            ClipOutput::Penultimate => penultimate.to_dtype(DType::F32)?,
+        };
+        debug_assert_eq!(hidden.dims(), &[b, seq, c.hidden_size]);
+        Ok(ClipEncoding { hidden, pooled })
+    }
+}
+
+/// transformers' pooling position: the first occurrence of `eos_token_id`, or of the highest
+/// id when the config carries the legacy `eos_token_id` 2 (CLIP's eos is its highest id).
+fn pooled_position(ids: &[u32], eos_token_id: u32) -> usize {
+    if eos_token_id == 2 {
+        let max = ids.iter().copied().max().unwrap_or(0);
+        ids.iter().position(|&i| i == max).unwrap_or(0)
+    } else {
+        ids.iter().position(|&i| i == eos_token_id).unwrap_or(0)
     }
 }
 

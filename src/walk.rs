@@ -28,9 +28,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use candle_core::{DType, Device, Tensor};
 
 use crate::pipeline::{
-    Event, GenerateRequest, GeneratedImage, PromptEmbeddings, Sampling, StableDiffusion, Timings,
+    Event, GenerateRequest, GeneratedImage, PromptEmbeddings, Sampling, StableDiffusion,
+    TextConditioning, Timings,
 };
-use crate::schedulers::SchedulerKind;
 use crate::{Error, Result};
 
 pub use animation::{check_ffmpeg, write_animation, AnimationFormat};
@@ -329,13 +329,13 @@ impl<'m> Walk<'m> {
         on_event: &mut dyn FnMut(Event),
     ) -> Result<Self> {
         let frames = check_walk(model, &keyframes, &settings)?;
-        if settings.sampling.scheduler == SchedulerKind::EulerAncestral {
-            on_event(Event::Warning(
-                "euler-a draws fresh noise at every step from each segment's first seed, so the \
+        let kind = settings.sampling.scheduler;
+        if kind.draws_noise() {
+            on_event(Event::Warning(format!(
+                "{kind} draws fresh noise at every step from each segment's first seed, so the \
                  walk jumps at every keyframe (and keyframes differ from `generate`); ddim, pndm, \
                  euler or dpm++2m give smooth walks"
-                    .into(),
-            ));
+            )));
         }
 
         let s = &settings.sampling;
@@ -426,14 +426,14 @@ impl<'m> Walk<'m> {
         let cond = if same_text {
             ea.cond.clone()
         } else {
-            interp.apply(&ea.cond, &eb.cond, s)?
+            TextConditioning::zip_with(&ea.cond, &eb.cond, |x, y| interp.apply(x, y, s))?
         };
         let uncond = match (guidance > 1.0, &ea.uncond, &eb.uncond) {
             (false, _, _) => None,
             (true, Some(ua), Some(ub)) => Some(if same_text {
                 ua.clone()
             } else {
-                interp.apply(ua, ub, s)?
+                TextConditioning::zip_with(ua, ub, |x, y| interp.apply(x, y, s))?
             }),
             // `new` encodes the unconditional text of every keyframe when any guidance > 1.
             (true, _, _) => {

@@ -358,6 +358,8 @@ fn render_jobs_batch_equals_single_on_latents() {
             scheduler: "euler-a".parse().unwrap(),
             karras: false,
             rng: RngKind::Torch,
+            size_conditioning: Default::default(),
+            preview_every: None,
         },
         repeat: 1,
     };

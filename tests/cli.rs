@@ -228,13 +228,14 @@ fn damaged_models_are_clear_errors() {
         "{err}"
     );
 
-    // An unknown config field is named with its file.
+    // A config value latent does not implement (Kandinsky's added embedding) is named with its
+    // file.
     let m = dir.path().join("unknown");
     copy_model(&m);
     let cfg_path = m.join("unet/config.json");
     let mut cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
-    cfg["addition_embed_type"] = "text_time".into();
+    cfg["addition_embed_type"] = "text_image".into();
     std::fs::write(&cfg_path, cfg.to_string()).unwrap();
     let ms = m.display().to_string();
     let err = fails(&quick(&ms, &out_s));

@@ -681,6 +681,8 @@ fn score(model: &StableDiffusion, label: &str, cases: &[Case], first_seed: u64) 
             .expect("the demo model's scheduler"),
         karras: false,
         rng: RngKind::Torch,
+        size_conditioning: Default::default(),
+        preview_every: None,
     };
     let embeddings: Vec<PromptEmbeddings> = cases
         .iter()

@@ -158,6 +158,58 @@ const SD15_VAE: &str = r#"{
   "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"]
 }"#;
 
+/// stable-diffusion-xl-base-1.0's unet/config.json as published.
+const SDXL_UNET: &str = r#"{
+  "_class_name": "UNet2DConditionModel", "_diffusers_version": "0.19.0.dev0", "act_fn": "silu",
+  "addition_embed_type": "text_time", "addition_embed_type_num_heads": 64,
+  "addition_time_embed_dim": 256, "attention_head_dim": [5, 10, 20],
+  "block_out_channels": [320, 640, 1280], "center_input_sample": false,
+  "class_embed_type": null, "class_embeddings_concat": false, "conv_in_kernel": 3,
+  "conv_out_kernel": 3, "cross_attention_dim": 2048, "cross_attention_norm": null,
+  "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+  "downsample_padding": 1, "dual_cross_attention": false, "encoder_hid_dim": null,
+  "encoder_hid_dim_type": null, "flip_sin_to_cos": true, "freq_shift": 0, "in_channels": 4,
+  "layers_per_block": 2, "mid_block_only_cross_attention": null, "mid_block_scale_factor": 1,
+  "mid_block_type": "UNetMidBlock2DCrossAttn", "norm_eps": 1e-05, "norm_num_groups": 32,
+  "num_attention_heads": null, "num_class_embeds": null, "only_cross_attention": false,
+  "out_channels": 4, "projection_class_embeddings_input_dim": 2816,
+  "resnet_out_scale_factor": 1.0, "resnet_skip_time_act": false,
+  "resnet_time_scale_shift": "default", "sample_size": 128, "time_cond_proj_dim": null,
+  "time_embedding_act_fn": null, "time_embedding_dim": null,
+  "time_embedding_type": "positional", "timestep_post_act": null,
+  "transformer_layers_per_block": [1, 2, 10],
+  "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+  "upcast_attention": null, "use_linear_projection": true
+}"#;
+
+#[test]
+fn real_sdxl_and_lcm_configs_parse() {
+    let dir = tempfile::tempdir().unwrap();
+    let xl = UNetConfig::from_file(&write(dir.path(), "xl.json", SDXL_UNET)).unwrap();
+    assert_eq!(xl.sample_size, 128);
+    assert_eq!(xl.cross_attention_dim, 2048);
+    let tt = xl.text_time.as_ref().unwrap();
+    assert_eq!(
+        (tt.time_embed_dim, tt.input_dim, tt.pooled_dim()),
+        (256, 2816, 1280)
+    );
+    assert_eq!(
+        xl.blocks
+            .iter()
+            .map(|b| (b.heads, b.transformer_layers, b.cross_attention))
+            .collect::<Vec<_>>(),
+        [(5, 1, false), (10, 2, true), (20, 10, true)]
+    );
+    assert_eq!(xl.time_cond_proj_dim, None);
+    // LCM-SDXL: the same UNet with a guidance embedding input.
+    let lcm = SDXL_UNET.replace(
+        "\"time_cond_proj_dim\": null",
+        "\"time_cond_proj_dim\": 256",
+    );
+    let lcm = UNetConfig::from_file(&write(dir.path(), "lcm.json", &lcm)).unwrap();
+    assert_eq!(lcm.time_cond_proj_dim, Some(256));
+}
+
 #[test]
 fn real_hub_configs_parse_to_the_real_architectures() {
     let dir = tempfile::tempdir().unwrap();
@@ -193,6 +245,7 @@ fn real_hub_configs_parse_to_the_real_architectures() {
 #[test]
 fn unsupported_or_broken_configs_name_file_and_field() {
     let dir = tempfile::tempdir().unwrap();
+    // text_time needs its sizes; other added embeddings (Kandinsky's) are not implemented.
     let sdxl = SD15_UNET.replace(
         "\"act_fn\"",
         "\"addition_embed_type\": \"text_time\", \"act_fn\"",
@@ -201,9 +254,25 @@ fn unsupported_or_broken_configs_name_file_and_field() {
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("xl.json") && err.contains("addition_embed_type"),
+        err.contains("xl.json") && err.contains("addition_time_embed_dim"),
         "{err}"
     );
+    let kandinsky = SD15_UNET.replace(
+        "\"act_fn\"",
+        "\"addition_embed_type\": \"text_image\", \"act_fn\"",
+    );
+    let err = UNetConfig::from_file(&write(dir.path(), "k.json", &kandinsky))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("k.json") && err.contains("addition_embed_type") && err.contains("text_image"),
+        "{err}"
+    );
+    let heads = SD15_UNET.replace("\"act_fn\"", "\"num_attention_heads\": 8, \"act_fn\"");
+    let err = UNetConfig::from_file(&write(dir.path(), "h.json", &heads))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("num_attention_heads"), "{err}");
 
     let unknown = SD15_UNET.replace("\"act_fn\"", "\"brand_new_knob\": 3, \"act_fn\"");
     let err = UNetConfig::from_file(&write(dir.path(), "new.json", &unknown))

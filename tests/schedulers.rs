@@ -32,6 +32,9 @@ struct Case {
     num_timesteps: usize,
     has_sigmas: bool,
     has_noise: bool,
+    /// How many noise tensors diffusers drew (Euler a: one per step; LCM: one per step but
+    /// the last).
+    noise_draws: usize,
     add_noise_index: Option<usize>,
 }
 
@@ -177,6 +180,9 @@ fn fixture_covers_every_scheduler_and_option() {
         "sd15-prk",
         "sd21-zsnr",
         "minimal",
+        "lcm-dreamshaper",
+        "lcm-custom",
+        "turbo",
     ] {
         assert!(
             configs.contains(format!("configs/{name}.json").as_str()),
@@ -197,6 +203,41 @@ fn fixture_covers_every_scheduler_and_option() {
         f.tensor("sample").dims(),
         f.manifest.sample_shape.as_slice()
     );
+    // The step counts LCM and the Turbo models are run at.
+    let names: BTreeSet<&str> = f.manifest.cases.iter().map(|c| c.name.as_str()).collect();
+    for name in [
+        "lcm-dreamshaper/lcm/1",
+        "lcm-dreamshaper/lcm/2",
+        "lcm-dreamshaper/lcm/4",
+        "lcm-dreamshaper/lcm/8",
+        "sd15/lcm/4",
+        "sd21/lcm/4",
+        "turbo/euler-a/1",
+        "turbo/euler-a/2",
+        "turbo/euler-a/4",
+    ] {
+        assert!(names.contains(name), "no case {name}");
+    }
+}
+
+/// diffusers draws Euler a's noise on every step and LCM's on every step but the last (none
+/// for one step); the replay in `full_loops_match_diffusers` holds `latent` to the same count.
+#[test]
+fn noise_is_drawn_where_diffusers_draws_it() {
+    let f = Fixture::load();
+    for case in &f.manifest.cases {
+        let expected = match case.scheduler.as_str() {
+            "euler-a" => case.num_timesteps,
+            "lcm" => case.num_timesteps - 1,
+            _ => 0,
+        };
+        assert_eq!(case.noise_draws, expected, "{}", case.name);
+        assert_eq!(case.has_noise, expected > 0, "{}", case.name);
+        let kind: SchedulerKind = case.scheduler.parse().unwrap();
+        if case.num_timesteps > 1 {
+            assert_eq!(kind.draws_noise(), expected > 0, "{}", case.name);
+        }
+    }
 }
 
 #[test]
@@ -269,11 +310,7 @@ fn full_loops_match_diffusers() {
                 next: 0,
             };
             let r = run_loop(s.as_mut(), sample, pattern, &mut replay);
-            assert_eq!(
-                replay.next, case.num_timesteps,
-                "{}: noise draws",
-                case.name
-            );
+            assert_eq!(replay.next, case.noise_draws, "{}: noise draws", case.name);
             r
         } else {
             run_loop(s.as_mut(), sample, pattern, &mut NoNoise)
@@ -325,10 +362,10 @@ fn add_noise_matches_diffusers() {
     assert!(checked > 50, "only {checked} add_noise cases");
 }
 
-/// Euler ancestral with the torch-compatible generators `latent` uses (one per image, seeds
-/// s, s+1, ...) draws the same noise diffusers drew with a list of torch generators.
+/// Euler ancestral and LCM with the torch-compatible generators `latent` uses (one per image,
+/// seeds s, s+1, ...) draw the same noise diffusers drew with a list of torch generators.
 #[test]
-fn euler_ancestral_with_torch_generators_matches_diffusers() {
+fn noisy_schedulers_with_torch_generators_match_diffusers() {
     let f = Fixture::load();
     let sample = f.tensor("sample");
     let pattern = f.tensor("pattern");
@@ -343,7 +380,7 @@ fn euler_ancestral_with_torch_generators_matches_diffusers() {
         assert!(rel <= LOOP_TOLERANCE, "{}: {rel:e}", case.name);
         checked += 1;
     }
-    assert!(checked >= 5);
+    assert!(checked >= 15, "only {checked} cases draw noise");
 }
 
 #[test]
@@ -358,6 +395,13 @@ fn config_files_keep_their_path_for_errors() {
         sd21.default_kind(dir.join("sd21.json")).unwrap(),
         SchedulerKind::Ddim
     );
+    for (name, kind) in [
+        ("lcm-dreamshaper.json", SchedulerKind::Lcm),
+        ("turbo.json", SchedulerKind::EulerAncestral),
+    ] {
+        let config = SchedulerConfig::from_file(dir.join(name)).unwrap();
+        assert_eq!(config.default_kind(dir.join(name)).unwrap(), kind, "{name}");
+    }
     let missing = SchedulerConfig::from_file(dir.join("nope.json"))
         .unwrap_err()
         .to_string();

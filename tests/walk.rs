@@ -11,7 +11,9 @@ use image::AnimationDecoder;
 use latent::model::ModelSource;
 use latent::noise::{RngKind, TorchGenerator};
 use latent::output::{parse_a1111, read_png_parameters};
-use latent::pipeline::{GenerateRequest, PromptEmbeddings, Sampling, StableDiffusion, Timings};
+use latent::pipeline::{
+    GenerateRequest, PromptEmbeddings, Sampling, StableDiffusion, TextConditioning, Timings,
+};
 use latent::schedulers::SchedulerKind;
 use latent::walk::{self, Ease, Interp, Keyframe, Walk, WalkRecord, WalkSettings};
 use serde_json::Value;
@@ -240,6 +242,8 @@ fn sampling(scheduler: SchedulerKind, steps: usize) -> Sampling {
         scheduler,
         karras: false,
         rng: RngKind::Torch,
+        size_conditioning: Default::default(),
+        preview_every: None,
     }
 }
 
@@ -284,7 +288,23 @@ fn assert_same_image(
 
 #[test]
 fn frame_k_equals_the_image_rendered_alone_from_its_interpolated_inputs() {
-    let model = load_model();
+    check_frames_equal_their_single_renders(&load_model());
+}
+
+/// SDXL walks interpolate both encoders' embeddings and the pooled embedding alike.
+#[test]
+fn sdxl_frame_k_equals_the_image_rendered_alone() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-sdxl");
+    let files = ModelSource::parse(&dir.display().to_string(), None)
+        .unwrap()
+        .open()
+        .unwrap();
+    let model = StableDiffusion::load(&files, &Device::Cpu, DType::F32, &mut |_| {}).unwrap();
+    assert!(model.time_ids(64, 64, &Default::default()).is_some());
+    check_frames_equal_their_single_renders(&model);
+}
+
+fn check_frames_equal_their_single_renders(model: &StableDiffusion) {
     // Every scheduler family: multistep (PNDM), and ancestral, whose per-step noise comes from
     // the segment's first seed.
     for (scheduler, ease, text, looped) in [
@@ -308,7 +328,7 @@ fn frame_k_equals_the_image_rendered_alone_from_its_interpolated_inputs() {
             ease,
             text_interp: text,
         };
-        let w = Walk::new(&model, kfs.clone(), settings.clone(), &mut |_| {}).unwrap();
+        let w = Walk::new(model, kfs.clone(), settings.clone(), &mut |_| {}).unwrap();
         let n = w.frames().len();
         assert_eq!(n, if looped { 7 } else { 6 });
         let all: Vec<usize> = (0..n).collect();
@@ -332,12 +352,15 @@ fn frame_k_equals_the_image_rendered_alone_from_its_interpolated_inputs() {
             let s = if f.from == f.to { 0.0 } else { ease.apply(f.t) };
             let x = walk::slerp(&noise(a.seed), &noise(b.seed), s).unwrap();
             let (ea, eb) = (embed(a), embed(b));
+            let lerp = |x: &TextConditioning, y: &TextConditioning| {
+                TextConditioning::zip_with(x, y, |p, q| text.apply(p, q, s)).unwrap()
+            };
             let emb = PromptEmbeddings {
-                cond: text.apply(&ea.cond, &eb.cond, s).unwrap(),
-                uncond: Some(
-                    text.apply(ea.uncond.as_ref().unwrap(), eb.uncond.as_ref().unwrap(), s)
-                        .unwrap(),
-                ),
+                cond: lerp(&ea.cond, &eb.cond),
+                uncond: Some(lerp(
+                    ea.uncond.as_ref().unwrap(),
+                    eb.uncond.as_ref().unwrap(),
+                )),
             };
             let alone = model
                 .render_batch(

@@ -2,10 +2,17 @@
 
 For each case (a scheduler_config.json, a scheduler, a step count, Karras on or off) it records
 what diffusers computes: the timesteps, the sigmas (Euler, Euler a, DPM++ 2M) and the result of a
-whole denoising loop on a fixed sample with a fake model. tests/schedulers.rs replays every case.
+whole denoising loop on a fixed sample with a fake model (DDIM, PNDM, Euler, Euler a, DPM++ 2M,
+LCM). tests/schedulers.rs replays every case.
 
 Usage (from the repository root):
-    HF_HUB_OFFLINE=1 /work/venv/bin/python tools/make_scheduler_fixtures.py
+    HF_HUB_OFFLINE=1 /work/venv/bin/python tools/make_scheduler_fixtures.py [--new-only]
+
+torch's vectorised float32 math (the training sigmas' sqrt, DPM-Solver's log/exp) differs in the
+last bits between CPUs, and the Rust tests compare timesteps and sigmas exactly or to one ulp. So
+a full run belongs on the CPU the kept fixtures were made on (cases.json `versions`); elsewhere,
+`--new-only` keeps every existing case bit for bit, computes only the cases added to MATRIX, and
+records the versions and CPU it used in those cases (`made_with`).
 
 Schedulers are built the way users switch them: the file's own class loads the file
 (`PNDMScheduler.from_config(file)`), then `Target.from_config(loaded.config,
@@ -29,8 +36,9 @@ itself, and both recorded in cases.json (`prev_timestep: "list"`):
     step with alphas_cumprod patched at the index diffusers reads, so the recorded numbers are
     diffusers' arithmetic with list-based previous timesteps. For every other case it checks that
     the patch changes nothing.
-  * Euler ancestral noise: the generators are a list (seed 1000 + i for batch row i), as `latent`
-    does; every tensor diffusers drew is recorded, so the test does not depend on a torch RNG port.
+  * Euler ancestral and LCM noise: the generators are a list (seed 1000 + i for batch row i), as
+    `latent` does; every tensor diffusers drew is recorded, so the test does not depend on a torch
+    RNG port.
 """
 
 import argparse
@@ -51,10 +59,12 @@ from diffusers import (  # noqa: E402
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    LCMScheduler,
     PNDMScheduler,
 )
 from diffusers.schedulers import scheduling_euler_ancestral_discrete as euler_a_module  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
+from diffusers.schedulers import scheduling_lcm as lcm_module  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
 
 CLASSES = {
     "ddim": DDIMScheduler,
@@ -62,7 +72,10 @@ CLASSES = {
     "euler": EulerDiscreteScheduler,
     "euler-a": EulerAncestralDiscreteScheduler,
     "dpm++2m": DPMSolverMultistepScheduler,
+    "lcm": LCMScheduler,
 }
+# The schedulers that draw noise in `step`, and the diffusers module whose randn_tensor they call.
+NOISY = {"euler-a": euler_a_module, "lcm": lcm_module}
 SAMPLE_SHAPE = (2, 4, 8, 8)
 NOISE_SEED = 1000
 
@@ -97,6 +110,51 @@ SD21 = {
 }
 
 
+# SimianLuo/LCM_Dreamshaper_v7's scheduler/scheduler_config.json (an LCM distilled from
+# Dreamshaper v7, an SD 1.5 fine-tune).
+LCM_DREAMSHAPER = {
+    "_class_name": "LCMScheduler",
+    "_diffusers_version": "0.22.0.dev0",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "clip_sample_range": 1.0,
+    "dynamic_thresholding_ratio": 0.995,
+    "num_train_timesteps": 1000,
+    "original_inference_steps": 50,
+    "prediction_type": "epsilon",
+    "rescale_betas_zero_snr": False,
+    "sample_max_value": 1.0,
+    "set_alpha_to_one": True,
+    "steps_offset": 1,
+    "thresholding": False,
+    "timestep_scaling": 10.0,
+    "timestep_spacing": "leading",
+    "trained_betas": None,
+}
+# stabilityai/sd-turbo's and sdxl-turbo's scheduler/scheduler_config.json: Euler ancestral with
+# "trailing" spacing, run at 1-4 steps.
+TURBO = {
+    "_class_name": "EulerAncestralDiscreteScheduler",
+    "_diffusers_version": "0.24.0.dev0",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "interpolation_type": "linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "sample_max_value": 1.0,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "timestep_spacing": "trailing",
+    "trained_betas": None,
+    "use_karras_sigmas": False,
+}
+
+
 def variant(base, **changes):
     cfg = dict(base)
     cfg.update(changes)
@@ -122,9 +180,14 @@ CONFIGS = {
     # Only a class name: every key takes the target class's default (linear betas, PRK for PNDM,
     # clip_sample and set_alpha_to_one for DDIM).
     "minimal": {"_class_name": "PNDMScheduler"},
+    "lcm-dreamshaper": LCM_DREAMSHAPER,
+    # A shorter distillation schedule (k = 33) and a small timestep_scaling, so c_skip matters.
+    "lcm-custom": variant(LCM_DREAMSHAPER, original_inference_steps=30, timestep_scaling=0.002),
+    "turbo": TURBO,
 }
 
-ALL = list(CLASSES)
+# LCM has its own rows below (its recorded noise makes long schedules costly).
+ALL = [kind for kind in CLASSES if kind != "lcm"]
 # (config, schedulers, step counts, karras)
 MATRIX = [
     ("sd15", ALL, [1, 7, 20, 50], False),
@@ -153,6 +216,19 @@ MATRIX = [
     ("sd15-euler-at-final", ["dpm++2m"], [20], False),
     ("sd21-zsnr", ["ddim", "euler", "euler-a", "dpm++2m"], [7, 20], False),
     ("minimal", ALL, [7], False),
+    # LCM (its noise is recorded too: few steps). From its own config, and switched to from SD
+    # 1.5's (PNDM), SD 2.1's (v_prediction) and other configs.
+    ("lcm-dreamshaper", ["lcm"], [1, 2, 4, 8], False),
+    ("lcm-custom", ["lcm"], [3, 5], False),
+    ("sd15", ["lcm"], [4], False),
+    ("sd21", ["lcm"], [4], False),
+    ("sd21-zsnr", ["lcm"], [2], False),
+    ("sd15-sample", ["lcm"], [2], False),
+    ("sd15-clip", ["lcm"], [2], False),
+    ("sd15-squaredcos", ["lcm"], [2], False),
+    ("minimal", ["lcm"], [2], False),
+    # SD-Turbo / SDXL-Turbo: Euler a, trailing, 1-4 steps.
+    ("turbo", ["euler-a"], [1, 2, 4], False),
 ]
 
 
@@ -237,7 +313,7 @@ def run_loop(sched, kind, steps, sample, pattern, patch):
     sched.set_timesteps(steps)
     x = sample * sched.init_noise_sigma
     generators = None
-    if kind == "euler-a":
+    if kind in NOISY:
         generators = [torch.Generator("cpu").manual_seed(NOISE_SEED + i) for i in range(x.shape[0])]
     patcher = AlphasPatch(sched, kind) if patch else None
     for t in sched.timesteps:
@@ -245,7 +321,7 @@ def run_loop(sched, kind, steps, sample, pattern, patch):
         out = fake_model(inp, t, pattern)
         if patcher:
             patcher.before_step(t)
-        if kind == "euler-a":
+        if kind in NOISY:
             x = sched.step(out, t, x, generator=generators).prev_sample
         else:
             x = sched.step(out, t, x).prev_sample
@@ -257,22 +333,125 @@ def run_loop(sched, kind, steps, sample, pattern, patch):
 
 
 def record_noise():
-    """Wraps diffusers' randn_tensor in the Euler ancestral module; returns the list it fills."""
+    """Wraps diffusers' randn_tensor in the modules of NOISY; returns the list it fills."""
     drawn = []
-    original = euler_a_module.randn_tensor
+    originals = {module: module.randn_tensor for module in NOISY.values()}
 
-    def recording(*args, **kwargs):
-        t = original(*args, **kwargs)
-        drawn.append(t.clone())
-        return t
+    def wrap(original):
+        def recording(*args, **kwargs):
+            t = original(*args, **kwargs)
+            drawn.append(t.clone())
+            return t
 
-    euler_a_module.randn_tensor = recording
-    return drawn, lambda: setattr(euler_a_module, "randn_tensor", original)
+        return recording
+
+    for module, original in originals.items():
+        module.randn_tensor = wrap(original)
+
+    def restore():
+        for module, original in originals.items():
+            module.randn_tensor = original
+
+    return drawn, restore
+
+
+def make_case(config_path, config_name, kind, steps, karras, sample, pattern, tensors):
+    """Runs one case through diffusers, adds its tensors to `tensors`, returns its manifest entry."""
+    name = case_name(config_name, kind, steps, karras)
+    sched = build(config_path, kind, karras)
+    drawn, restore = record_noise()
+    try:
+        final, _ = run_loop(build(config_path, kind, karras), kind, steps, sample, pattern, False)
+        drawn.clear()
+        patch = kind in ("ddim", "pndm")
+        final_list, changed = run_loop(sched, kind, steps, sample, pattern, patch)
+    finally:
+        restore()
+    spacing = sched.config.timestep_spacing
+    prk = kind == "pndm" and not sched.config.skip_prk_steps
+    if patch and not changed and not torch.equal(final, final_list):
+        raise RuntimeError(f"{name}: the patch changed the result without changing alphas")
+    if patch and changed and spacing == "leading" and not prk:
+        raise RuntimeError(f"{name}: list and diffusers' arithmetic differ for leading")
+    if not torch.isfinite(final_list).all():
+        raise RuntimeError(f"{name}: non-finite result")
+
+    tensors[f"{name}/timesteps"] = sched.timesteps.to(torch.float64)
+    has_sigmas = kind in ("euler", "euler-a", "dpm++2m")
+    if has_sigmas:
+        tensors[f"{name}/sigmas"] = sched.sigmas.to(torch.float32)
+    tensors[f"{name}/final"] = final_list
+    # Euler a draws on every step; LCM on every step but the last.
+    if kind in NOISY:
+        expected_draws = len(sched.timesteps) - (1 if kind == "lcm" else 0)
+        if len(drawn) != expected_draws:
+            raise RuntimeError(f"{name}: {len(drawn)} noise draws, expected {expected_draws}")
+    elif drawn:
+        raise RuntimeError(f"{name}: a deterministic scheduler drew noise")
+    if drawn:
+        tensors[f"{name}/noise"] = torch.stack(drawn)
+    # add_noise (img2img) at the middle of the schedule, where that timestep is
+    # unique (diffusers looks the index up from the timestep's value).
+    fresh = build(config_path, kind, karras)
+    fresh.set_timesteps(steps)
+    mid = len(fresh.timesteps) // 2
+    has_add_noise = int((fresh.timesteps == fresh.timesteps[mid]).sum()) == 1
+    if has_add_noise:
+        noised = fresh.add_noise(sample, pattern, fresh.timesteps[mid : mid + 1])
+        tensors[f"{name}/add_noise"] = noised
+    print(f"{name}: {len(sched.timesteps)} timesteps{' (list-based prev)' if changed else ''}")
+    return {
+        "name": name,
+        "config": f"configs/{config_name}.json",
+        "scheduler": kind,
+        "steps": steps,
+        "karras": karras,
+        "init_noise_sigma": float(sched.init_noise_sigma),
+        "num_timesteps": len(sched.timesteps),
+        "has_sigmas": has_sigmas,
+        "has_noise": bool(drawn),
+        "noise_draws": len(drawn),
+        "add_noise_index": mid if has_add_noise else None,
+        "prev_timestep": "list" if changed else "diffusers",
+        "max_abs_diff_vs_unpatched_diffusers": float((final - final_list).abs().max()),
+    }
+
+
+def case_name(config_name, kind, steps, karras):
+    return f"{config_name}/{kind}/{steps}" + ("/karras" if karras else "")
+
+
+def cpu_name():
+    """The CPU model (torch's vectorised float math differs in the last bits between CPUs)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def versions():
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "numpy": np.__version__,
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "machine": platform.machine(),
+        "cpu": cpu_name(),
+    }
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="tests/fixtures/schedulers")
+    parser.add_argument(
+        "--new-only",
+        action="store_true",
+        help="keep every case already in OUT as it is and compute only the missing ones "
+        "(torch's vectorised math differs in the last bits between CPUs)",
+    )
     args = parser.parse_args()
     out = Path(args.out)
     (out / "configs").mkdir(parents=True, exist_ok=True)
@@ -280,82 +459,46 @@ def main():
     for name, cfg in CONFIGS.items():
         (out / "configs" / f"{name}.json").write_text(json.dumps(cfg, indent=2) + "\n")
 
+    meta = versions()
     sample = torch.randn(SAMPLE_SHAPE, generator=torch.Generator("cpu").manual_seed(0))
     pattern = torch.randn(SAMPLE_SHAPE, generator=torch.Generator("cpu").manual_seed(1))
     tensors = {"sample": sample, "pattern": pattern}
+    kept_cases = {}
+    file_meta = meta
+    if args.new_only:
+        manifest = json.loads((out / "cases.json").read_text())
+        file_meta = manifest["versions"]
+        kept_cases = {case["name"]: case for case in manifest["cases"]}
+        kept = load_file(str(out / "schedulers.safetensors"))
+        for key in ("sample", "pattern"):
+            if not torch.equal(kept[key], tensors[key]):
+                raise RuntimeError(f"this torch draws another `{key}` than the kept cases used")
+        tensors = kept
     cases = []
 
     for config_name, kinds, step_counts, karras in MATRIX:
         config_path = out / "configs" / f"{config_name}.json"
         for kind in kinds:
             for steps in step_counts:
-                name = f"{config_name}/{kind}/{steps}" + ("/karras" if karras else "")
-                sched = build(config_path, kind, karras)
-                drawn, restore = record_noise()
-                try:
-                    final, _ = run_loop(build(config_path, kind, karras), kind, steps, sample, pattern, False)
-                    drawn.clear()
-                    patch = kind in ("ddim", "pndm")
-                    final_list, changed = run_loop(sched, kind, steps, sample, pattern, patch)
-                finally:
-                    restore()
-                spacing = sched.config.timestep_spacing
-                prk = kind == "pndm" and not sched.config.skip_prk_steps
-                if patch and not changed and not torch.equal(final, final_list):
-                    raise RuntimeError(f"{name}: the patch changed the result without changing alphas")
-                if patch and changed and spacing == "leading" and not prk:
-                    raise RuntimeError(f"{name}: list and diffusers' arithmetic differ for leading")
-                if not torch.isfinite(final_list).all():
-                    raise RuntimeError(f"{name}: non-finite result")
-
-                tensors[f"{name}/timesteps"] = sched.timesteps.to(torch.float64)
-                has_sigmas = kind in ("euler", "euler-a", "dpm++2m")
-                if has_sigmas:
-                    tensors[f"{name}/sigmas"] = sched.sigmas.to(torch.float32)
-                tensors[f"{name}/final"] = final_list
-                if kind == "euler-a":
-                    tensors[f"{name}/noise"] = torch.stack(drawn)
-                    assert len(drawn) == len(sched.timesteps)
-                # add_noise (img2img) at the middle of the schedule, where that timestep is
-                # unique (diffusers looks the index up from the timestep's value).
-                fresh = build(config_path, kind, karras)
-                fresh.set_timesteps(steps)
-                mid = len(fresh.timesteps) // 2
-                has_add_noise = int((fresh.timesteps == fresh.timesteps[mid]).sum()) == 1
-                if has_add_noise:
-                    noised = fresh.add_noise(sample, pattern, fresh.timesteps[mid : mid + 1])
-                    tensors[f"{name}/add_noise"] = noised
-                init_sigma = sched.init_noise_sigma
-                cases.append(
-                    {
-                        "name": name,
-                        "config": f"configs/{config_name}.json",
-                        "scheduler": kind,
-                        "steps": steps,
-                        "karras": karras,
-                        "init_noise_sigma": float(init_sigma),
-                        "num_timesteps": len(sched.timesteps),
-                        "has_sigmas": has_sigmas,
-                        "has_noise": kind == "euler-a",
-                        "add_noise_index": mid if has_add_noise else None,
-                        "prev_timestep": "list" if changed else "diffusers",
-                        "max_abs_diff_vs_unpatched_diffusers": float((final - final_list).abs().max()),
-                    }
-                )
-                print(f"{name}: {len(sched.timesteps)} timesteps{' (list-based prev)' if changed else ''}")
+                name = case_name(config_name, kind, steps, karras)
+                if name in kept_cases:
+                    case = kept_cases.pop(name)
+                    # Manifests older than LCM lack the draw count: one per recorded tensor.
+                    noise = tensors.get(f"{name}/noise")
+                    case.setdefault("noise_draws", 0 if noise is None else noise.shape[0])
+                    cases.append(case)
+                    continue
+                case = make_case(config_path, config_name, kind, steps, karras, sample, pattern, tensors)
+                if args.new_only:
+                    case["made_with"] = meta
+                cases.append(case)
+    if kept_cases:
+        raise RuntimeError(f"cases no longer in MATRIX: {sorted(kept_cases)}")
 
     tensors = {k: v.contiguous() for k, v in tensors.items()}
-    meta = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "numpy": np.__version__,
-        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "machine": platform.machine(),
-    }
-    save_file(tensors, str(out / "schedulers.safetensors"), metadata={"versions": json.dumps(meta)})
+    save_file(tensors, str(out / "schedulers.safetensors"), metadata={"versions": json.dumps(file_meta)})
     manifest = {
-        "versions": meta,
+        "versions": file_meta,
         "sample_shape": list(SAMPLE_SHAPE),
         "noise_seed": NOISE_SEED,
         "model": "model(x, t) = x * 0.1 + pattern * float32(cos(t * 0.0123) * 0.8)",

@@ -1,10 +1,10 @@
 //! `latent generate`: one prompt, one or more images.
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use latent::output;
-use latent::pipeline::{load_latents, GenerateRequest, Residency};
+use latent::pipeline::{load_latents, Event, GenerateRequest, Residency};
 
 use super::{load_model, params_for, random_seed, sampling_for};
 use crate::cli::GenerateArgs;
@@ -43,7 +43,9 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
     }
 
     let model = load_model(&args.model, Residency::Staged, &mut progress)?;
-    let sampling = sampling_for(&model, &args.sampling)?;
+    let mut sampling = sampling_for(&model, &args.sampling)?;
+    sampling.preview_every = args.preview_every.map(|n| n as usize);
+    let preview_path = preview_path(args.output.as_deref(), &paths);
     let req = GenerateRequest {
         prompt: args.prompt.clone(),
         negative_prompt: args.sampling.negative_prompt.clone(),
@@ -63,7 +65,25 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
     let batches = seeds.len().div_ceil(req.batch_size);
     progress.set_total_steps((per_batch * batches) as u64);
 
-    let generation = model.generate(&req, &mut |e| progress.event(e))?;
+    let generation = model.generate(&req, &mut |e| match e {
+        Event::Preview { images, .. } => {
+            // The first image of the batch; a failed preview write only warns.
+            if let Some(img) = images.first() {
+                let written = output::write_png(
+                    &preview_path,
+                    &img.rgb,
+                    img.width as u32,
+                    img.height as u32,
+                    "",
+                    true,
+                );
+                if let Err(err) = written {
+                    progress.println(&format!("warning: preview not written: {err}"));
+                }
+            }
+        }
+        other => progress.event(other),
+    })?;
     progress.finish();
 
     let t = &generation.timings;
@@ -120,4 +140,23 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Where previews go: `NAME.preview.png` beside an output file `NAME.png` given with `-o`,
+/// else `preview.png` in the folder the images go to.
+fn preview_path(output: Option<&Path>, paths: &[PathBuf]) -> PathBuf {
+    let is_file = output
+        .and_then(Path::extension)
+        .is_some_and(|e| e.eq_ignore_ascii_case("png"));
+    match (output, is_file) {
+        (Some(file), true) => {
+            let stem = file.file_stem().unwrap_or_default().to_string_lossy();
+            file.with_file_name(format!("{stem}.preview.png"))
+        }
+        _ => paths
+            .first()
+            .and_then(|p| p.parent())
+            .unwrap_or(Path::new("."))
+            .join("preview.png"),
+    }
 }

@@ -9,7 +9,7 @@ mod walk;
 use anyhow::{bail, Context, Result};
 use latent::model::ModelSource;
 use latent::output::GenerationParams;
-use latent::pipeline::{Residency, Sampling, StableDiffusion};
+use latent::pipeline::{LoadOptions, Residency, Sampling, StableDiffusion};
 
 pub use batch::batch;
 pub use bench::bench;
@@ -57,9 +57,20 @@ pub fn load_model(
     let device = args.device.open()?;
     let dtype = args.dtype.resolve(&device)?;
     let files = source.open()?;
-    let model = StableDiffusion::load_with(&files, &device, dtype, residency, &mut |e| {
-        progress.event(e)
-    })?;
+    let vae = match &args.vae {
+        Some(spec) => Some(
+            ModelSource::parse_component(spec, "--vae")?
+                .open()
+                .with_context(|| format!("--vae {spec}"))?,
+        ),
+        None => None,
+    };
+    let options = LoadOptions {
+        residency,
+        vae: vae.as_ref(),
+    };
+    let model =
+        StableDiffusion::load_opts(&files, &device, dtype, &options, &mut |e| progress.event(e))?;
     Ok(model)
 }
 
@@ -96,8 +107,40 @@ pub fn params_for(
         width: s.width,
         height: s.height,
         model: model.name().to_string(),
-        extra: vec![("RNG".into(), s.rng.to_string())],
+        extra: extra_params(model, s),
     }
+}
+
+/// Settings after AUTOMATIC1111's standard ones: the VAE when replaced (A1111's `VAE` key),
+/// SDXL's size conditioning when not the default, the noise generator.
+fn extra_params(model: &StableDiffusion, s: &Sampling) -> Vec<(String, String)> {
+    let mut extra = Vec::new();
+    if let Some(vae) = model.vae_name() {
+        extra.push(("VAE".into(), vae.to_string()));
+    }
+    if model
+        .time_ids(s.width, s.height, &s.size_conditioning)
+        .is_some()
+    {
+        let c = &s.size_conditioning;
+        let size = |key: &str, v: Option<(usize, usize)>, sep: &str| {
+            v.map(|(a, b)| (key.to_string(), format!("{a}{sep}{b}")))
+        };
+        extra.extend(
+            [
+                size("Original size", c.original_size, "x"),
+                size("Crop top-left", c.crop_top_left, ","),
+                size("Target size", c.target_size, "x"),
+                size("Negative original size", c.negative_original_size, "x"),
+                size("Negative crop top-left", c.negative_crop_top_left, ","),
+                size("Negative target size", c.negative_target_size, "x"),
+            ]
+            .into_iter()
+            .flatten(),
+        );
+    }
+    extra.push(("RNG".into(), s.rng.to_string()));
+    extra
 }
 
 /// The library's sampling settings from the flags, with the model's defaults for size and
@@ -116,5 +159,7 @@ pub fn sampling_for(model: &StableDiffusion, s: &SamplingArgs) -> Result<Samplin
         scheduler,
         karras: s.karras,
         rng: s.rng,
+        size_conditioning: s.size_conditioning(),
+        preview_every: None,
     })
 }

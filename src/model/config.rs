@@ -1,8 +1,8 @@
 //! Model configs read from the model's own JSON files (diffusers' `config.json` layout).
 //!
 //! Every architecture number comes from these files. A key the file lacks takes diffusers'
-//! default for that class; a key we do not know, or a value we cannot run (an SDXL-only
-//! embedding type, say), is an error naming the file and the field, so nothing is silently
+//! default for that class; a key we do not know, or a value we cannot run (Kandinsky's
+//! embedding types, say), is an error naming the file and the field, so nothing is silently
 //! ignored.
 use std::path::{Path, PathBuf};
 
@@ -168,6 +168,10 @@ pub struct UNetConfig {
     pub upcast_attention: bool,
     pub conv_in_kernel: usize,
     pub conv_out_kernel: usize,
+    /// SDXL's pooled-text and size conditioning, when `addition_embed_type` is "text_time".
+    pub text_time: Option<TextTimeConfig>,
+    /// Width of the guidance embedding of LCM-distilled UNets (`time_cond_proj_dim`).
+    pub time_cond_proj_dim: Option<usize>,
 }
 
 const UNET_KEYS: &[&str] = &[
@@ -236,20 +240,63 @@ impl UNetConfig {
             "encoder_hid_dim",
             "encoder_hid_dim_type",
             "class_embed_type",
-            "addition_embed_type",
             "num_class_embeds",
             "time_embedding_dim",
             "time_embedding_act_fn",
             "timestep_post_act",
-            "time_cond_proj_dim",
-            "projection_class_embeddings_input_dim",
             "cross_attention_norm",
             "reverse_transformer_layers_per_block",
             "mid_block_only_cross_attention",
         ] {
             f.expect_one_of(key, std::slice::from_ref(&null))?;
         }
-        f.expect_one_of("num_attention_heads", std::slice::from_ref(&null))?;
+        // diffusers' UNet2DConditionModel itself refuses `num_attention_heads` (its heads come
+        // from the legacy `attention_head_dim`), so no loadable checkpoint sets it.
+        if f.maybe::<Value>("num_attention_heads")?.is_some() {
+            return Err(f.error(
+                "num_attention_heads",
+                "is not supported by diffusers' UNet2DConditionModel either (the number of heads \
+                 comes from `attention_head_dim`)",
+            ));
+        }
+        let text_time = match f.maybe::<String>("addition_embed_type")?.as_deref() {
+            None => {
+                f.expect_one_of("projection_class_embeddings_input_dim", &[Value::Null])?;
+                None
+            }
+            Some("text_time") => {
+                let time_embed_dim: usize = f.req("addition_time_embed_dim")?;
+                let input_dim: usize = f.req("projection_class_embeddings_input_dim")?;
+                if time_embed_dim == 0 || time_embed_dim % 2 == 1 {
+                    return Err(
+                        f.error("addition_time_embed_dim", "must be a positive even number")
+                    );
+                }
+                if input_dim <= TIME_IDS * time_embed_dim {
+                    return Err(f.error(
+                        "projection_class_embeddings_input_dim",
+                        format!(
+                            "{input_dim} leaves no room for the pooled text embedding after \
+                             {TIME_IDS} time ids of {time_embed_dim}"
+                        ),
+                    ));
+                }
+                Some(TextTimeConfig {
+                    time_embed_dim,
+                    input_dim,
+                })
+            }
+            Some(other) => {
+                return Err(f.error(
+                    "addition_embed_type",
+                    format!("`{other}` is not supported (latent implements \"text_time\", SDXL's)"),
+                ))
+            }
+        };
+        let time_cond_proj_dim: Option<usize> = f.maybe("time_cond_proj_dim")?;
+        if time_cond_proj_dim == Some(0) {
+            return Err(f.error("time_cond_proj_dim", "must be positive"));
+        }
         for key in [
             "only_cross_attention",
             "dual_cross_attention",
@@ -400,7 +447,35 @@ impl UNetConfig {
             upcast_attention: f.opt("upcast_attention", false)?,
             conv_in_kernel,
             conv_out_kernel,
+            text_time,
+            time_cond_proj_dim,
         })
+    }
+
+    /// Width of the time embedding (4x the first block's channels, as diffusers).
+    pub fn time_embed_dim(&self) -> usize {
+        self.blocks[0].channels * 4
+    }
+}
+
+/// Size conditioning ids of SDXL: original (h, w), crop (top, left), target (h, w).
+pub const TIME_IDS: usize = 6;
+
+/// SDXL's added conditioning (`addition_embed_type: "text_time"`): the pooled text embedding
+/// and sinusoidal embeddings of the six size ids, projected into the time embedding.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TextTimeConfig {
+    /// Sinusoidal width of each time id (`addition_time_embed_dim`).
+    pub time_embed_dim: usize,
+    /// Input width of `add_embedding` (`projection_class_embeddings_input_dim`): the pooled
+    /// text embedding's width plus 6 x `time_embed_dim`.
+    pub input_dim: usize,
+}
+
+impl TextTimeConfig {
+    /// Width of the pooled text embedding this UNet expects.
+    pub fn pooled_dim(&self) -> usize {
+        self.input_dim - TIME_IDS * self.time_embed_dim
     }
 }
 

@@ -141,6 +141,34 @@ pub fn conv2d(
     )))
 }
 
+/// `nn.Conv2d(in, out, k, stride, padding, bias=False)` at `w` (only `weight` is read).
+pub fn conv2d_no_bias(
+    w: &Weights,
+    in_ch: usize,
+    out_ch: usize,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+) -> Result<Conv2d> {
+    if let Some(precision) = cpu_kernels(w) {
+        return Ok(Conv2d::Cpu(kernels::conv::Conv2d::new(
+            host_weight(w, precision, &[out_ch, in_ch, kernel, kernel])?,
+            None,
+            (out_ch, in_ch, kernel),
+            stride,
+            padding,
+            precision,
+        )));
+    }
+    let weight = w.get(&[out_ch, in_ch, kernel, kernel], "weight")?;
+    let cfg = candle_nn::Conv2dConfig {
+        padding,
+        stride,
+        ..Default::default()
+    };
+    Ok(Conv2d::Candle(candle_nn::Conv2d::new(weight, None, cfg)))
+}
+
 impl Conv2d {
     /// (b, in, h, w) -> (b, out, ho, wo).
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {

@@ -1,13 +1,16 @@
 //! Finding and loading a model: local folder or hub id, config parsing, component weights.
+pub mod autoencoder;
 pub mod config;
 pub mod layers;
 pub mod source;
+pub mod tiny_vae;
 pub mod unet;
 pub mod vae;
 pub mod weights;
 
-pub use config::{ConfigFile, UNetConfig, VaeConfig};
+pub use config::{ConfigFile, TextTimeConfig, UNetConfig, VaeConfig};
 pub use source::{ModelFiles, ModelSource};
-pub use unet::UNet;
+pub use tiny_vae::{TinyVaeConfig, TinyVaeDecoder, VaeKind};
+pub use unet::{guidance_scale_embedding, AddedConditioning, UNet};
 pub use vae::VaeDecoder;
 pub use weights::Weights;

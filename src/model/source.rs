@@ -22,11 +22,31 @@ pub enum ModelSource {
 impl ModelSource {
     /// A path that exists is a local folder; otherwise an `owner/name` id is a hub repo.
     pub fn parse(spec: &str, revision: Option<&str>) -> Result<Self> {
+        Self::parse_as(
+            spec,
+            revision,
+            "--model",
+            "model_index.json, unet/, vae/, ...",
+        )
+    }
+
+    /// A single component's folder or repo (a VAE), as [`Self::parse`] reads a model;
+    /// `label` names the setting in messages.
+    pub fn parse_component(spec: &str, label: &str) -> Result<Self> {
+        Self::parse_as(
+            spec,
+            None,
+            label,
+            "config.json, diffusion_pytorch_model.safetensors",
+        )
+    }
+
+    fn parse_as(spec: &str, revision: Option<&str>, label: &str, layout: &str) -> Result<Self> {
         let path = Path::new(spec);
         if path.exists() {
             if !path.is_dir() {
                 return Err(Error::InvalidInput(format!(
-                    "--model {spec}: expected a folder in diffusers layout (model_index.json, unet/, vae/, ...), found a file"
+                    "{label} {spec}: expected a folder in diffusers layout ({layout}), found a file"
                 )));
             }
             if revision.is_some() {
@@ -37,7 +57,10 @@ impl ModelSource {
             return Ok(Self::Local(path.to_path_buf()));
         }
         let parts: Vec<&str> = spec.split('/').collect();
-        let looks_like_id = parts.len() == 2
+        // `./x`, `../x`, `/x` and `~/x` are paths even when they look like `owner/name`.
+        let is_pathlike = spec.starts_with(['.', '/', '~']);
+        let looks_like_id = !is_pathlike
+            && parts.len() == 2
             && parts.iter().all(|p| {
                 !p.is_empty()
                     && p.chars()
@@ -45,7 +68,7 @@ impl ModelSource {
             });
         if !looks_like_id {
             return Err(Error::InvalidInput(format!(
-                "--model {spec}: no such folder, and not a hub repo id of the form owner/name"
+                "{label} {spec}: no such folder, and not a hub repo id of the form owner/name"
             )));
         }
         Ok(Self::Hub {
@@ -136,6 +159,16 @@ impl ModelFiles {
         &self.name
     }
 
+    /// How to name `rel` in a message: its local path, or `repo_id/rel` for hub models.
+    pub fn display_path(&self, rel: &str) -> PathBuf {
+        match &self.backend {
+            Backend::Local(dir) => dir.join(rel),
+            Backend::HubOffline { repo_id, .. } | Backend::Hub { repo_id, .. } => {
+                PathBuf::from(format!("{repo_id}/{rel}"))
+            }
+        }
+    }
+
     /// Whether the model has the file `rel` (e.g. `unet/config.json`).
     pub fn has(&self, rel: &str) -> bool {
         match &self.backend {
@@ -178,8 +211,14 @@ impl ModelFiles {
     /// The weights file of a component folder: `{stem}.fp16.safetensors` when `prefer_fp16`
     /// and present, else `{stem}.safetensors`. Only pickle files present is a clear error.
     pub fn weights(&self, folder: &str, stem: &str, prefer_fp16: bool) -> Result<PathBuf> {
-        let fp16 = format!("{folder}/{stem}.fp16.safetensors");
-        let full = format!("{folder}/{stem}.safetensors");
+        // `folder` may be empty: a component repo with its files at the top (a VAE repo).
+        let prefix = if folder.is_empty() {
+            String::new()
+        } else {
+            format!("{folder}/")
+        };
+        let fp16 = format!("{prefix}{stem}.fp16.safetensors");
+        let full = format!("{prefix}{stem}.safetensors");
         if prefer_fp16 && self.has(&fp16) {
             return self.get(&fp16);
         }
@@ -190,7 +229,7 @@ impl ModelFiles {
             return self.get(&fp16);
         }
         for ext in ["bin", "fp16.bin", "ckpt"] {
-            let pickle = format!("{folder}/{stem}.{ext}");
+            let pickle = format!("{prefix}{stem}.{ext}");
             if self.has(&pickle) {
                 return Err(Error::Weights {
                     path: PathBuf::from(format!("{}/{pickle}", self.name)),

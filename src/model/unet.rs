@@ -1,6 +1,7 @@
-//! The denoiser: diffusers' `UNet2DConditionModel` as used by Stable Diffusion 1.x/2.x, built
-//! entirely from `unet/config.json`.
-use candle_core::{Device, Tensor};
+//! The denoiser: diffusers' `UNet2DConditionModel` as used by Stable Diffusion 1.x/2.x, SDXL
+//! (added text/size conditioning) and LCM (guidance embedding), built entirely from
+//! `unet/config.json`.
+use candle_core::{DType, Device, Tensor};
 
 use super::config::{UNetBlockConfig, UNetConfig};
 use super::layers::{
@@ -20,9 +21,15 @@ pub fn timestep_embedding(
     freq_shift: f64,
     device: &Device,
 ) -> Result<Tensor> {
+    let row = sinusoidal_row(timestep as f32, dim, flip_sin_to_cos, freq_shift);
+    let data: Vec<f32> = (0..batch).flat_map(|_| row.iter().copied()).collect();
+    Ok(Tensor::from_vec(data, (batch, dim), device)?)
+}
+
+/// One row of [`timestep_embedding`] for the value `t`.
+fn sinusoidal_row(t: f32, dim: usize, flip_sin_to_cos: bool, freq_shift: f64) -> Vec<f32> {
     let half = dim / 2;
     let ln_max_period = (10000f64).ln() as f32;
-    let t = timestep as f32;
     let mut sin = Vec::with_capacity(half);
     let mut cos = Vec::with_capacity(half);
     for i in 0..half {
@@ -39,8 +46,38 @@ pub fn timestep_embedding(
     if dim % 2 == 1 {
         row.push(0.0);
     }
-    let data: Vec<f32> = (0..batch).flat_map(|_| row.iter().copied()).collect();
-    Ok(Tensor::from_vec(data, (batch, dim), device)?)
+    row
+}
+
+/// The guidance-scale embedding of LCM-distilled UNets (diffusers'
+/// `get_guidance_scale_embedding`, after the VDM paper's Fourier features): for each `w`,
+/// `[sin(1000 w f_i), cos(1000 w f_i)]` with `f_i = exp(-i ln(10000) / (half - 1))`, in f32
+/// in torch's operation order. Pipelines pass `w = guidance - 1`. Returns (len, dim).
+pub fn guidance_scale_embedding(w: &[f32], dim: usize, device: &Device) -> Result<Tensor> {
+    let half = dim / 2;
+    // torch.log(torch.tensor(10000.0)) / (half - 1), all float32.
+    let step = 10000f32.ln() / (half as f32 - 1.0);
+    let freqs: Vec<f32> = (0..half).map(|i| (i as f32 * -step).exp()).collect();
+    let mut data = Vec::with_capacity(w.len() * dim);
+    for &wi in w {
+        let scaled = wi * 1000.0;
+        data.extend(freqs.iter().map(|f| (scaled * f).sin()));
+        data.extend(freqs.iter().map(|f| (scaled * f).cos()));
+        if dim % 2 == 1 {
+            data.push(0.0);
+        }
+    }
+    Ok(Tensor::from_vec(data, (w.len(), dim), device)?)
+}
+
+/// Conditioning besides the timestep and the text that some UNets take.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AddedConditioning<'a> {
+    /// SDXL (`text_time`): the pooled text embeddings (b, pooled_dim) and the size ids
+    /// (b, 6): original (h, w), crop (top, left), target (h, w).
+    pub text_time: Option<(&'a Tensor, &'a Tensor)>,
+    /// LCM: the guidance embedding (b, time_cond_proj_dim), see [`guidance_scale_embedding`].
+    pub timestep_cond: Option<&'a Tensor>,
 }
 
 /// `BasicTransformerBlock`: self-attention, cross-attention, GEGLU feed-forward.
@@ -190,13 +227,17 @@ struct MidBlock {
     layers: Vec<(SpatialTransformer, ResnetBlock)>,
 }
 
-/// diffusers' `UNet2DConditionModel` for SD 1.x/2.x.
+/// diffusers' `UNet2DConditionModel` for SD 1.x/2.x and SDXL, with LCM's guidance input.
 #[derive(Debug)]
 pub struct UNet {
     config: UNetConfig,
     conv_in: Conv2d,
     time_linear_1: Linear,
     time_linear_2: Linear,
+    /// `time_embedding.cond_proj` (LCM): guidance embedding -> timestep embedding width.
+    time_cond_proj: Option<Linear>,
+    /// `add_embedding.linear_1/2` (SDXL): pooled text + size ids -> time embedding.
+    add_embedding: Option<(Linear, Linear)>,
     down: Vec<DownBlock>,
     mid: MidBlock,
     up: Vec<UpBlock>,
@@ -209,7 +250,7 @@ impl UNet {
     pub fn load(w: &Weights, config: &UNetConfig) -> Result<Self> {
         let cfg = config;
         let ch0 = cfg.blocks[0].channels;
-        let temb = ch0 * 4;
+        let temb = cfg.time_embed_dim();
         let n = cfg.blocks.len();
         let resnet = |w: &Weights, inc: usize, outc: usize, scale: f64| {
             ResnetBlock::load(
@@ -266,6 +307,8 @@ impl UNet {
         let mid_ch = last.channels;
         let mid_scale = cfg.mid_block_scale_factor;
         let mut layers = Vec::new();
+        // The mid block has one (transformer, resnet) pair; its transformer depth is the last
+        // block's (`transformer_layers_per_block[-1]`), as in diffusers.
         for j in 0..1 {
             layers.push((
                 SpatialTransformer::load(&wm.pp("attentions").pp(j), mid_ch, &last, cfg)?,
@@ -324,6 +367,20 @@ impl UNet {
             )?,
             time_linear_1: linear(&w.pp("time_embedding.linear_1"), ch0, temb, true)?,
             time_linear_2: linear(&w.pp("time_embedding.linear_2"), temb, temb, true)?,
+            time_cond_proj: cfg
+                .time_cond_proj_dim
+                .map(|d| linear(&w.pp("time_embedding.cond_proj"), d, ch0, false))
+                .transpose()?,
+            add_embedding: cfg
+                .text_time
+                .as_ref()
+                .map(|tt| -> Result<(Linear, Linear)> {
+                    Ok((
+                        linear(&w.pp("add_embedding.linear_1"), tt.input_dim, temb, true)?,
+                        linear(&w.pp("add_embedding.linear_2"), temb, temb, true)?,
+                    ))
+                })
+                .transpose()?,
             down,
             mid,
             up,
@@ -350,7 +407,8 @@ impl UNet {
         &self.config
     }
 
-    /// Predicts the noise (or v, or x0, per the scheduler's prediction type).
+    /// Predicts the noise (or v, or x0, per the scheduler's prediction type), for UNets that
+    /// need no added conditioning (SD 1.x/2.x).
     ///
     /// sample: (b, in_channels, h, w); encoder_hidden_states: (b, tokens, cross_attention_dim);
     /// returns (b, out_channels, h, w) in the sample's dtype.
@@ -359,6 +417,23 @@ impl UNet {
         sample: &Tensor,
         timestep: f64,
         encoder_hidden_states: &Tensor,
+    ) -> Result<Tensor> {
+        self.forward_with(
+            sample,
+            timestep,
+            encoder_hidden_states,
+            &AddedConditioning::default(),
+        )
+    }
+
+    /// [`Self::forward`] with SDXL's pooled text and size ids and/or LCM's guidance embedding,
+    /// which this UNet's config requires (missing or unexpected ones are an error).
+    pub fn forward_with(
+        &self,
+        sample: &Tensor,
+        timestep: f64,
+        encoder_hidden_states: &Tensor,
+        added: &AddedConditioning,
     ) -> Result<Tensor> {
         let cfg = &self.config;
         let (b, _, h, w) = sample.dims4()?;
@@ -371,7 +446,7 @@ impl UNet {
             sample.clone()
         };
 
-        // 1. time
+        // 1. time (+ LCM's guidance embedding, + SDXL's pooled text and size ids)
         let t_emb = timestep_embedding(
             timestep,
             b,
@@ -381,9 +456,53 @@ impl UNet {
             sample.device(),
         )?
         .to_dtype(dtype)?;
-        let emb = self
+        let t_emb = match (&self.time_cond_proj, added.timestep_cond) {
+            (Some(proj), Some(c)) => (t_emb + proj.forward(&c.to_dtype(dtype)?)?)?,
+            (None, None) => t_emb,
+            (Some(_), None) => {
+                return Err(missing_input(
+                    "time_cond_proj_dim is set: the UNet needs a guidance embedding",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(missing_input(
+                    "a guidance embedding was given to a UNet without time_cond_proj_dim",
+                ))
+            }
+        };
+        let mut emb = self
             .time_linear_2
             .forward(&self.time_linear_1.forward(&t_emb)?.silu()?)?;
+        match (&self.add_embedding, &cfg.text_time, added.text_time) {
+            (Some((l1, l2)), Some(tt), Some((text_embeds, time_ids))) => {
+                let ids: Vec<f32> = time_ids.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+                let per_row = ids.len() / b.max(1);
+                let data: Vec<f32> = ids
+                    .iter()
+                    .flat_map(|&v| {
+                        sinusoidal_row(v, tt.time_embed_dim, cfg.flip_sin_to_cos, cfg.freq_shift)
+                    })
+                    .collect();
+                let time_embeds =
+                    Tensor::from_vec(data, (b, per_row * tt.time_embed_dim), sample.device())?;
+                let add = Tensor::cat(&[&text_embeds.to_dtype(DType::F32)?, &time_embeds], 1)?
+                    .to_dtype(dtype)?;
+                let aug = l2.forward(&l1.forward(&add)?.silu()?)?;
+                emb = (emb + aug)?;
+            }
+            (None, None, None) => {}
+            (Some(_), _, None) => {
+                return Err(missing_input(
+                    "addition_embed_type is \"text_time\": the UNet needs pooled text embeddings \
+                     and size ids",
+                ))
+            }
+            _ => {
+                return Err(missing_input(
+                    "pooled text embeddings were given to a UNet without text_time conditioning",
+                ))
+            }
+        }
         let context = encoder_hidden_states.to_dtype(dtype)?;
 
         // 2. pre-process
@@ -442,4 +561,8 @@ impl UNet {
         let xs = self.conv_norm_out.forward_silu(&xs)?;
         self.conv_out.forward(&xs)
     }
+}
+
+fn missing_input(message: &str) -> crate::Error {
+    crate::Error::InvalidInput(format!("UNet input: {message}"))
 }

@@ -35,11 +35,15 @@ pub struct SchedulerConfig {
     pub rescale_betas_zero_snr: Option<bool>,
     /// DDIM and PNDM: ᾱ used after the last step (1 when set, else ᾱ_0).
     pub set_alpha_to_one: Option<bool>,
-    /// DDIM: clamp the predicted x₀ to ±`clip_sample_range`.
+    /// DDIM and LCM: clamp the predicted x₀ to ±`clip_sample_range`.
     pub clip_sample: Option<bool>,
     pub clip_sample_range: Option<f64>,
-    /// DDIM and DPM-Solver: dynamic thresholding (not implemented).
+    /// DDIM, LCM and DPM-Solver: dynamic thresholding (not implemented).
     pub thresholding: Option<bool>,
+    /// LCM: the length of the distillation schedule the inference timesteps are taken from.
+    pub original_inference_steps: Option<usize>,
+    /// LCM: the factor on the timestep in the boundary-condition scalings c_skip and c_out.
+    pub timestep_scaling: Option<f64>,
     /// PNDM: plain PLMS when set, Runge-Kutta warm-up steps otherwise.
     pub skip_prk_steps: Option<bool>,
     /// Euler: "linear" (the only one implemented) or "log_linear".
@@ -88,6 +92,8 @@ impl Default for SchedulerConfig {
             clip_sample: None,
             clip_sample_range: None,
             thresholding: None,
+            original_inference_steps: None,
+            timestep_scaling: None,
             skip_prk_steps: None,
             interpolation_type: None,
             use_karras_sigmas: None,
@@ -158,6 +164,8 @@ impl SchedulerConfig {
             clip_sample: f.get("clip_sample")?,
             clip_sample_range: f.float("clip_sample_range")?,
             thresholding: f.get("thresholding")?,
+            original_inference_steps: f.get("original_inference_steps")?,
+            timestep_scaling: f.float("timestep_scaling")?,
             skip_prk_steps: f.get("skip_prk_steps")?,
             interpolation_type: f.get("interpolation_type")?,
             use_karras_sigmas: f.get("use_karras_sigmas")?,
@@ -198,8 +206,11 @@ impl SchedulerConfig {
             return Err(Error::config(
                 path,
                 "_class_name",
-                "missing: the model does not say which scheduler it uses; choose one with \
-                 --scheduler (ddim, pndm, euler, euler-a, dpm++2m)",
+                format!(
+                    "missing: the model does not say which scheduler it uses; choose one with \
+                     --scheduler ({})",
+                    SchedulerKind::cli_names()
+                ),
             ));
         };
         let Some(kind) = SchedulerKind::from_class_name(name) else {
@@ -207,8 +218,8 @@ impl SchedulerConfig {
                 path,
                 "_class_name",
                 format!(
-                    "`{name}` is not implemented; choose a scheduler with --scheduler (ddim, \
-                     pndm, euler, euler-a, dpm++2m)"
+                    "`{name}` is not implemented; choose a scheduler with --scheduler ({})",
+                    SchedulerKind::cli_names()
                 ),
             ));
         };
@@ -258,7 +269,18 @@ impl SchedulerConfig {
 
     /// The betas of the training schedule in float32 (diffusers' `self.betas`), rescaled to
     /// zero terminal SNR when the class has `rescale_betas_zero_snr` and the file sets it.
+    /// Absent keys take the defaults most diffusers classes share ([`BetaDefaults::DDPM`]).
     pub(crate) fn betas(&self, class_has_zero_snr: bool) -> Result<Vec<f32>> {
+        self.betas_with_defaults(class_has_zero_snr, BetaDefaults::DDPM)
+    }
+
+    /// [`betas`](Self::betas) for a class whose `beta_start`, `beta_end` and `beta_schedule`
+    /// defaults are `defaults`.
+    pub(crate) fn betas_with_defaults(
+        &self,
+        class_has_zero_snr: bool,
+        defaults: BetaDefaults,
+    ) -> Result<Vec<f32>> {
         let n = self.num_train_timesteps()?;
         let betas = if let Some(trained) = &self.trained_betas {
             if trained.len() != n {
@@ -269,9 +291,9 @@ impl SchedulerConfig {
             }
             trained.iter().map(|&b| b as f32).collect()
         } else {
-            let start = self.beta_start.unwrap_or(0.0001);
-            let end = self.beta_end.unwrap_or(0.02);
-            match self.beta_schedule.as_deref().unwrap_or("linear") {
+            let start = self.beta_start.unwrap_or(defaults.start);
+            let end = self.beta_end.unwrap_or(defaults.end);
+            match self.beta_schedule.as_deref().unwrap_or(defaults.schedule) {
                 "linear" => math::torch_linspace_f32(start, end, n),
                 "scaled_linear" => math::torch_linspace_f32(start.sqrt(), end.sqrt(), n)
                     .into_iter()
@@ -292,7 +314,7 @@ impl SchedulerConfig {
         if let Some(bad) = betas.iter().find(|b| !(0.0..1.0).contains(*b)) {
             let field = if self.trained_betas.is_some() {
                 "trained_betas"
-            } else if (0.0..1.0).contains(&self.beta_start.unwrap_or(0.0001)) {
+            } else if (0.0..1.0).contains(&self.beta_start.unwrap_or(defaults.start)) {
                 "beta_end"
             } else {
                 "beta_start"
@@ -377,6 +399,29 @@ impl SchedulerConfig {
             )),
         }
     }
+}
+
+/// A diffusers class's defaults for the keys that make its training betas.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct BetaDefaults {
+    pub(crate) start: f64,
+    pub(crate) end: f64,
+    pub(crate) schedule: &'static str,
+}
+
+impl BetaDefaults {
+    /// DDPM's linear 0.0001–0.02, the defaults of DDIM, PNDM, Euler, Euler a and DPM-Solver.
+    pub(crate) const DDPM: BetaDefaults = BetaDefaults {
+        start: 0.0001,
+        end: 0.02,
+        schedule: "linear",
+    };
+    /// Stable Diffusion's scaled_linear 0.00085–0.012, `LCMScheduler`'s defaults.
+    pub(crate) const STABLE_DIFFUSION: BetaDefaults = BetaDefaults {
+        start: 0.00085,
+        end: 0.012,
+        schedule: "scaled_linear",
+    };
 }
 
 /// Typed access to the keys of a parsed config, with errors that name the key.
@@ -480,6 +525,32 @@ mod tests {
         // Switching class: an absent key takes the target class's default.
         assert_eq!(c.spacing(Spacing::Linspace).unwrap(), Spacing::Linspace);
         assert_eq!(c.spacing(Spacing::Leading).unwrap(), Spacing::Leading);
+    }
+
+    #[test]
+    fn reads_lcm_keys_and_class_beta_defaults() {
+        let c = SchedulerConfig::from_json(
+            r#"{"_class_name": "LCMScheduler", "original_inference_steps": 30,
+                "timestep_scaling": 10.0}"#,
+            "lcm.json",
+        )
+        .unwrap();
+        assert_eq!(c.original_inference_steps, Some(30));
+        assert_eq!(c.timestep_scaling, Some(10.0));
+        assert_eq!(c.default_kind("lcm.json").unwrap(), SchedulerKind::Lcm);
+        // Without beta keys, LCM's defaults are SD's scaled_linear, DDIM's are DDPM's linear.
+        let sd = c
+            .betas_with_defaults(true, BetaDefaults::STABLE_DIFFUSION)
+            .unwrap();
+        assert_eq!(sd[0], 0.0008499999530613422f64 as f32);
+        assert_eq!(c.betas(true).unwrap()[0], 0.0001f32);
+        let err = SchedulerConfig::from_json(r#"{"original_inference_steps": 4.5}"#, "l.json")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("l.json: field `original_inference_steps`"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -77,6 +77,25 @@ pub(crate) fn np_linspace(start: f64, stop: f64, num: usize) -> Vec<f64> {
     y
 }
 
+/// `numpy.linspace(start, stop, num, endpoint=False)` in float64: `i * ((stop - start) / num)
+/// + start`, so `stop` itself is left out.
+pub(crate) fn np_linspace_no_endpoint(start: f64, stop: f64, num: usize) -> Vec<f64> {
+    let delta = stop - start;
+    let step = delta / num as f64;
+    (0..num)
+        .map(|i| {
+            let i = i as f64;
+            // numpy divides first when the step underflows to zero.
+            let y = if step == 0.0 {
+                i / num as f64 * delta
+            } else {
+                i * step
+            };
+            y + start
+        })
+        .collect()
+}
+
 /// `numpy.arange(start, 0, -step)` for floats, as numpy fills it: the length is
 /// `ceil(start / step)`, the first two values are `start` and `start - step`, and the rest are
 /// `start + i * delta` with `delta` the difference of those two (not `-step` itself).
@@ -319,6 +338,18 @@ mod tests {
         let y = np_linspace(0.0, 999.0, 7);
         assert_eq!(y[6], 999.0);
         assert_eq!(y[3], 3.0 * (999.0 / 6.0));
+    }
+
+    #[test]
+    fn linspace_without_endpoint_leaves_out_stop() {
+        assert_eq!(
+            np_linspace_no_endpoint(0.0, 50.0, 4),
+            vec![0.0, 12.5, 25.0, 37.5]
+        );
+        assert_eq!(np_linspace_no_endpoint(0.0, 50.0, 1), vec![0.0]);
+        assert!(np_linspace_no_endpoint(0.0, 50.0, 0).is_empty());
+        // numpy.linspace(0, 50, 3, endpoint=False)[2] == 33.333333333333336
+        assert_eq!(np_linspace_no_endpoint(0.0, 50.0, 3)[2], 33.333333333333336);
     }
 
     #[test]

@@ -15,13 +15,16 @@ use crate::{Error, Result};
 
 mod config;
 mod ddim;
+mod denoised;
 mod dpmpp_2m;
 mod euler;
 mod euler_ancestral;
+mod lcm;
 mod math;
 mod pndm;
 
 pub use config::SchedulerConfig;
+pub use denoised::DenoisedEstimate;
 
 /// One denoising algorithm, configured for a fixed number of inference steps.
 ///
@@ -49,8 +52,8 @@ pub trait Scheduler: Send {
     /// Noises `original` to the level of loop position `step_index` (img2img).
     fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor>;
     /// The noise levels of the Karras-style schedulers (diffusers' `scheduler.sigmas`: one per
-    /// timestep plus the final one), as float32 like diffusers stores them; `None` for DDIM and
-    /// PNDM, which work on `alphas_cumprod` instead.
+    /// timestep plus the final one), as float32 like diffusers stores them; `None` for DDIM,
+    /// PNDM and LCM, which work on `alphas_cumprod` instead.
     fn sigmas(&self) -> Option<&[f32]> {
         None
     }
@@ -69,19 +72,32 @@ pub enum SchedulerKind {
     EulerAncestral,
     /// DPM++ 2M: diffusers' `DPMSolverMultistepScheduler` (dpmsolver++, order 2).
     DpmPp2m,
+    /// Latent consistency sampling: diffusers' `LCMScheduler`, for LCM-distilled models and
+    /// LCM-LoRA (1-8 steps).
+    Lcm,
 }
 
 impl SchedulerKind {
     /// Every kind, in the order help texts list them.
-    pub const ALL: [SchedulerKind; 5] = [
+    pub const ALL: [SchedulerKind; 6] = [
         SchedulerKind::Ddim,
         SchedulerKind::Pndm,
         SchedulerKind::Euler,
         SchedulerKind::EulerAncestral,
         SchedulerKind::DpmPp2m,
+        SchedulerKind::Lcm,
     ];
 
-    /// The command-line name ("ddim", "pndm", "euler", "euler-a", "dpm++2m").
+    /// The command-line names of [`ALL`](Self::ALL), comma-separated, for help and error texts.
+    pub fn cli_names() -> String {
+        SchedulerKind::ALL
+            .iter()
+            .map(|k| k.cli_name())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// The command-line name ("ddim", "pndm", "euler", "euler-a", "dpm++2m", "lcm").
     pub fn cli_name(&self) -> &'static str {
         match self {
             SchedulerKind::Ddim => "ddim",
@@ -89,6 +105,7 @@ impl SchedulerKind {
             SchedulerKind::Euler => "euler",
             SchedulerKind::EulerAncestral => "euler-a",
             SchedulerKind::DpmPp2m => "dpm++2m",
+            SchedulerKind::Lcm => "lcm",
         }
     }
 
@@ -100,6 +117,7 @@ impl SchedulerKind {
             SchedulerKind::Euler => "Euler",
             SchedulerKind::EulerAncestral => "Euler a",
             SchedulerKind::DpmPp2m => "DPM++ 2M",
+            SchedulerKind::Lcm => "LCM",
         }
     }
 
@@ -111,6 +129,7 @@ impl SchedulerKind {
             SchedulerKind::Euler => "EulerDiscreteScheduler",
             SchedulerKind::EulerAncestral => "EulerAncestralDiscreteScheduler",
             SchedulerKind::DpmPp2m => "DPMSolverMultistepScheduler",
+            SchedulerKind::Lcm => "LCMScheduler",
         }
     }
 
@@ -123,9 +142,15 @@ impl SchedulerKind {
     }
 
     /// Whether `--karras` works with this kind: the diffusers class has `use_karras_sigmas`
-    /// (diffusers 0.42 gives it to Euler and DPM++ 2M, not to Euler ancestral).
+    /// (diffusers 0.42 gives it to Euler and DPM++ 2M, not to Euler ancestral or LCM).
     pub fn supports_karras(&self) -> bool {
         matches!(self, SchedulerKind::Euler | SchedulerKind::DpmPp2m)
+    }
+
+    /// Whether `step` draws fresh noise from the caller's [`NoiseSource`] (Euler ancestral on
+    /// every step, LCM between steps), so the result depends on more than the initial latents.
+    pub fn draws_noise(&self) -> bool {
+        matches!(self, SchedulerKind::EulerAncestral | SchedulerKind::Lcm)
     }
 }
 
@@ -147,9 +172,11 @@ impl FromStr for SchedulerKind {
             "euler" => SchedulerKind::Euler,
             "euler-a" | "euler_a" | "euler-ancestral" => SchedulerKind::EulerAncestral,
             "dpm++2m" | "dpmpp-2m" | "dpmpp_2m" => SchedulerKind::DpmPp2m,
+            "lcm" => SchedulerKind::Lcm,
             _ => {
                 return Err(Error::InvalidInput(format!(
-                    "unknown scheduler `{s}`; expected one of: ddim, pndm, euler, euler-a, dpm++2m"
+                    "unknown scheduler `{s}`; expected one of: {}",
+                    SchedulerKind::cli_names()
                 )))
             }
         };
@@ -201,6 +228,7 @@ pub fn build(
         SchedulerKind::DpmPp2m => {
             Box::new(dpmpp_2m::DpmPp2m::new(config, num_inference_steps, karras)?)
         }
+        SchedulerKind::Lcm => Box::new(lcm::Lcm::new(config, num_inference_steps)?),
     })
 }
 
@@ -281,6 +309,16 @@ mod tests {
         assert_eq!(SchedulerKind::from_class_name("LMSDiscreteScheduler"), None);
         assert_eq!(SchedulerKind::EulerAncestral.a1111_name(), "Euler a");
         assert_eq!(SchedulerKind::Pndm.a1111_name(), "PLMS");
+        assert_eq!("LCM".parse::<SchedulerKind>().unwrap(), SchedulerKind::Lcm);
+        assert_eq!(
+            SchedulerKind::from_class_name("LCMScheduler"),
+            Some(SchedulerKind::Lcm)
+        );
+        assert_eq!(SchedulerKind::Lcm.a1111_name(), "LCM");
+        assert!(
+            err.ends_with("ddim, pndm, euler, euler-a, dpm++2m, lcm"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -290,6 +328,7 @@ mod tests {
             SchedulerKind::Ddim,
             SchedulerKind::Pndm,
             SchedulerKind::EulerAncestral,
+            SchedulerKind::Lcm,
         ] {
             let err = build(kind, &config, 10, true).err().unwrap().to_string();
             assert!(

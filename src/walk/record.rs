@@ -530,6 +530,8 @@ mod tests {
                 scheduler: SchedulerKind::Ddim,
                 karras: false,
                 rng: RngKind::Torch,
+                size_conditioning: Default::default(),
+                preview_every: None,
             },
             looped: false,
             ease: Ease::Linear,
