@@ -1,26 +1,12 @@
 //! The `latent` binary end to end on the tiny test models: files, metadata, `info`, `--json`,
 //! no-overwrite, and one clear error line with a non-zero exit for every bad input.
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 mod common;
-use common::{copy_dir, fixtures};
+use common::{copy_dir, fixtures, latent, stderr};
 
 fn sd1() -> String {
     fixtures().join("tiny-sd1").display().to_string()
-}
-
-fn latent(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_latent"))
-        .args(args)
-        .env_remove("LATENT_MODEL")
-        .env("HF_HUB_OFFLINE", "1")
-        .output()
-        .expect("run latent")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 /// Runs a command that must fail; returns its one `error:` line (exit code 1 for failures,

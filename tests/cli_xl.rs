@@ -2,28 +2,15 @@
 //! (which tests/xl.rs holds to diffusers), metadata records what changes pixels, previews are
 //! written, and every broken model or mismatched VAE fails before any work with one line.
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use serde_json::Value;
 
 mod common;
-use common::{copy_dir, fixtures};
+use common::{copy_dir, fixtures, latent, stderr};
 
 fn fixture(name: &str) -> String {
     fixtures().join(name).display().to_string()
-}
-
-fn latent(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_latent"))
-        .args(args)
-        .env_remove("LATENT_MODEL")
-        .env("HF_HUB_OFFLINE", "1")
-        .output()
-        .expect("run latent")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 /// Runs a command that must fail before writing anything; returns its one `error:` line.

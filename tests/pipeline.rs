@@ -14,7 +14,7 @@ use latent::pipeline::{
 use serde_json::Value;
 
 mod common;
-use common::{copy_dir, fixtures};
+use common::{copy_dir, fixtures, max_abs_diff};
 
 fn load_model(name: &str) -> StableDiffusion {
     let files = ModelSource::parse(&fixtures().join(name).display().to_string(), None)
@@ -22,22 +22,6 @@ fn load_model(name: &str) -> StableDiffusion {
         .open()
         .unwrap();
     StableDiffusion::load(&files, &Device::Cpu, DType::F32, &mut |_| {}).unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    let a = a.to_dtype(DType::F32).unwrap();
-    let b = b.to_dtype(DType::F32).unwrap();
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 fn run_case(case: &Value, models: &mut HashMap<String, StableDiffusion>) {

@@ -8,9 +8,8 @@ use candle_core::{DType, Device, Tensor};
 use latent::model::{ConfigFile, TinyVaeConfig, TinyVaeDecoder, VaeKind, Weights};
 use serde_json::{json, Map, Value};
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
+mod common;
+use common::{fixtures, max_abs_diff};
 
 fn model_dir() -> PathBuf {
     fixtures().join("tiny-taesd")
@@ -37,22 +36,6 @@ fn load(dir: &Path, config: &TinyVaeConfig, dtype: DType) -> TinyVaeDecoder {
 fn decoder(dtype: DType) -> TinyVaeDecoder {
     let config = TinyVaeConfig::from_file(&model_dir().join("config.json")).unwrap();
     load(&model_dir(), &config, dtype)
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    let a = a.to_dtype(DType::F32).unwrap();
-    let b = b.to_dtype(DType::F32).unwrap();
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 /// (b, 3, h, w) in [-1, 1] -> (b, h, w, 3) bytes the way diffusers' pipelines save images:

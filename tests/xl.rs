@@ -16,7 +16,7 @@ use latent::text::ClipTokenizer;
 use serde_json::Value;
 
 mod common;
-use common::{copy_dir, fixtures};
+use common::{copy_dir, fixtures, max_abs, max_abs_diff};
 
 fn golden_dir() -> PathBuf {
     fixtures().join("golden-xl")
@@ -46,30 +46,6 @@ fn load_with_vae(dir: &Path, vae: Option<&Path>) -> StableDiffusion {
         vae: vae_files.as_ref(),
     };
     StableDiffusion::load_opts(&open(dir), &Device::Cpu, DType::F32, &options, &mut |_| {}).unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    let d = (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap()).unwrap();
-    d.abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
-fn max_abs(t: &Tensor) -> f32 {
-    t.abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 #[test]

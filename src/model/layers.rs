@@ -117,28 +117,7 @@ pub fn conv2d(
     stride: usize,
     padding: usize,
 ) -> Result<Conv2d> {
-    if let Some(precision) = cpu_kernels(w) {
-        return Ok(Conv2d::Cpu(kernels::conv::Conv2d::new(
-            host_weight(w, precision, &[out_ch, in_ch, kernel, kernel])?,
-            Some(w.get_host(&[out_ch], "bias")?),
-            (out_ch, in_ch, kernel),
-            stride,
-            padding,
-            precision,
-        )));
-    }
-    let weight = w.get(&[out_ch, in_ch, kernel, kernel], "weight")?;
-    let bias = w.get(&[out_ch], "bias")?;
-    let cfg = candle_nn::Conv2dConfig {
-        padding,
-        stride,
-        ..Default::default()
-    };
-    Ok(Conv2d::Candle(candle_nn::Conv2d::new(
-        weight,
-        Some(bias),
-        cfg,
-    )))
+    conv2d_with(w, (in_ch, out_ch, kernel), stride, padding, true)
 }
 
 /// `nn.Conv2d(in, out, k, stride, padding, bias=False)` at `w` (only `weight` is read).
@@ -150,10 +129,25 @@ pub fn conv2d_no_bias(
     stride: usize,
     padding: usize,
 ) -> Result<Conv2d> {
+    conv2d_with(w, (in_ch, out_ch, kernel), stride, padding, false)
+}
+
+fn conv2d_with(
+    w: &Weights,
+    (in_ch, out_ch, kernel): (usize, usize, usize),
+    stride: usize,
+    padding: usize,
+    bias: bool,
+) -> Result<Conv2d> {
     if let Some(precision) = cpu_kernels(w) {
+        let b = if bias {
+            Some(w.get_host(&[out_ch], "bias")?)
+        } else {
+            None
+        };
         return Ok(Conv2d::Cpu(kernels::conv::Conv2d::new(
             host_weight(w, precision, &[out_ch, in_ch, kernel, kernel])?,
-            None,
+            b,
             (out_ch, in_ch, kernel),
             stride,
             padding,
@@ -161,12 +155,17 @@ pub fn conv2d_no_bias(
         )));
     }
     let weight = w.get(&[out_ch, in_ch, kernel, kernel], "weight")?;
+    let b = if bias {
+        Some(w.get(&[out_ch], "bias")?)
+    } else {
+        None
+    };
     let cfg = candle_nn::Conv2dConfig {
         padding,
         stride,
         ..Default::default()
     };
-    Ok(Conv2d::Candle(candle_nn::Conv2d::new(weight, None, cfg)))
+    Ok(Conv2d::Candle(candle_nn::Conv2d::new(weight, b, cfg)))
 }
 
 impl Conv2d {
