@@ -1057,6 +1057,19 @@ impl StableDiffusion {
         if req.prompt.trim().is_empty() {
             return Err(Error::InvalidInput("the prompt is empty".into()));
         }
+        if !s.size_conditioning.is_default() && self.unet_config.text_time.is_none() {
+            return Err(Error::InvalidInput(format!(
+                "size conditioning (original size, crop, target size) needs an SDXL model; {} \
+                 is a {} model",
+                self.name,
+                self.family.name()
+            )));
+        }
+        if s.preview_every == Some(0) {
+            return Err(Error::InvalidInput(
+                "previews every 0 steps: give at least 1".into(),
+            ));
+        }
         if s.steps == 0 {
             return Err(Error::InvalidInput("--steps must be at least 1".into()));
         }

@@ -229,6 +229,9 @@ fn broken_sdxl_models_fail_before_work_with_one_line() {
         e.contains("latent_channels") && e.contains("another model family"),
         "{e}"
     );
+    // SDXL's size conditioning on a model without it is refused, not ignored.
+    let e = run(&fixture("tiny-sd1"), &["--original-size", "512,512"]);
+    assert!(e.contains("size conditioning") && e.contains("SDXL"), "{e}");
     let e = run(&fixture("tiny-sdxl"), &["--vae", "./no-such-vae"]);
     assert!(e.contains("--vae") && e.contains("no such folder"), "{e}");
 }

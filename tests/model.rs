@@ -196,9 +196,50 @@ fn real_sdxl_and_lcm_configs_parse() {
     assert_eq!(
         xl.blocks
             .iter()
-            .map(|b| (b.heads, b.transformer_layers, b.cross_attention))
+            .map(|b| (b.heads, b.transformer_layers[0], b.cross_attention))
             .collect::<Vec<_>>(),
         [(5, 1, false), (10, 2, true), (20, 10, true)]
+    );
+    // Up blocks mirror the depths (3 layers each), the mid block takes the last block's.
+    assert_eq!(xl.blocks[2].up_transformer_layers, [10, 10, 10]);
+    assert_eq!(
+        xl.mid_block,
+        latent::model::config::MidBlockKind::CrossAttn {
+            transformer_layers: 10
+        }
+    );
+    // Asymmetric UNets list depths per layer and must give the up blocks' own.
+    let asym = SDXL_UNET.replace(
+        "\"transformer_layers_per_block\": [1, 2, 10]",
+        "\"transformer_layers_per_block\": [1, [1, 2], [3, 4]], \
+         \"reverse_transformer_layers_per_block\": [[5, 6, 7], [1, 1, 2], 1]",
+    );
+    let asym = UNetConfig::from_file(&write(dir.path(), "asym.json", &asym)).unwrap();
+    assert_eq!(asym.blocks[1].transformer_layers, [1, 2]);
+    assert_eq!(asym.blocks[2].up_transformer_layers, [5, 6, 7]);
+    assert_eq!(asym.blocks[0].up_transformer_layers, [1, 1, 1]);
+    assert_eq!(
+        asym.mid_block,
+        latent::model::config::MidBlockKind::CrossAttn {
+            transformer_layers: 3
+        }
+    );
+    let no_reverse = SDXL_UNET.replace(
+        "\"transformer_layers_per_block\": [1, 2, 10]",
+        "\"transformer_layers_per_block\": [1, [1, 2], [3, 4]]",
+    );
+    let err = UNetConfig::from_file(&write(dir.path(), "nr.json", &no_reverse))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("reverse_transformer_layers_per_block"),
+        "{err}"
+    );
+    let plain_mid = SDXL_UNET.replace("\"UNetMidBlock2DCrossAttn\"", "\"UNetMidBlock2D\"");
+    let plain_mid = UNetConfig::from_file(&write(dir.path(), "pm.json", &plain_mid)).unwrap();
+    assert_eq!(
+        plain_mid.mid_block,
+        latent::model::config::MidBlockKind::Resnet
     );
     assert_eq!(xl.time_cond_proj_dim, None);
     // LCM-SDXL: the same UNet with a guidance embedding input.

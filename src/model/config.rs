@@ -135,6 +135,83 @@ fn per_block(file: &ConfigFile, key: &str, default: usize, n: usize) -> Result<V
     Ok(v)
 }
 
+/// Transformer depths per layer: (down block i -> one per resnet layer, up block j -> one per
+/// resnet layer), from `transformer_layers_per_block` (a number, one per block, or one list per
+/// block for asymmetric UNets) and `reverse_transformer_layers_per_block` (the up blocks' lists,
+/// which asymmetric UNets must give; else the down blocks' values reversed), as diffusers.
+#[allow(clippy::type_complexity)]
+fn transformer_depths(
+    f: &ConfigFile,
+    n: usize,
+    layers_per_block: usize,
+) -> Result<(Vec<Vec<usize>>, Vec<Vec<usize>>)> {
+    #[derive(serde::Deserialize, Clone)]
+    #[serde(untagged)]
+    enum Depth {
+        One(usize),
+        PerLayer(Vec<usize>),
+    }
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum Depths {
+        One(usize),
+        PerBlock(Vec<Depth>),
+    }
+    let expand = |key: &str, d: &Depth, layers: usize| -> Result<Vec<usize>> {
+        match d {
+            Depth::One(x) => Ok(vec![*x; layers]),
+            Depth::PerLayer(v) if v.len() == layers => Ok(v.clone()),
+            Depth::PerLayer(v) => Err(f.error(
+                key,
+                format!("a block lists {} depths for {layers} layers", v.len()),
+            )),
+        }
+    };
+    let down: Vec<Depth> = match f.maybe::<Depths>("transformer_layers_per_block")? {
+        None => vec![Depth::One(1); n],
+        Some(Depths::One(x)) => vec![Depth::One(x); n],
+        Some(Depths::PerBlock(v)) => v,
+    };
+    if down.len() != n {
+        return Err(f.error(
+            "transformer_layers_per_block",
+            format!("has {} entries for {n} blocks", down.len()),
+        ));
+    }
+    let asymmetric = down.iter().any(|d| matches!(d, Depth::PerLayer(_)));
+    let up: Vec<Depth> = match f.maybe::<Vec<Depth>>("reverse_transformer_layers_per_block")? {
+        Some(v) if v.len() == n => v,
+        Some(v) => {
+            return Err(f.error(
+                "reverse_transformer_layers_per_block",
+                format!("has {} entries for {n} blocks", v.len()),
+            ))
+        }
+        None if asymmetric => {
+            return Err(f.error(
+                "reverse_transformer_layers_per_block",
+                "is required when transformer_layers_per_block lists depths per layer",
+            ))
+        }
+        None => down.iter().rev().cloned().collect(),
+    };
+    let down = down
+        .iter()
+        .map(|d| expand("transformer_layers_per_block", d, layers_per_block))
+        .collect::<Result<Vec<_>>>()?;
+    let up = up
+        .iter()
+        .map(|d| {
+            expand(
+                "reverse_transformer_layers_per_block",
+                d,
+                layers_per_block + 1,
+            )
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok((down, up))
+}
+
 /// One down block of the UNet (its mirror up block shares the numbers).
 #[derive(Debug, Clone, PartialEq)]
 pub struct UNetBlockConfig {
@@ -144,8 +221,22 @@ pub struct UNetBlockConfig {
     pub cross_attention: bool,
     /// Attention heads in the block's transformers (diffusers' legacy `attention_head_dim`).
     pub heads: usize,
-    /// Transformer blocks per attention layer.
-    pub transformer_layers: usize,
+    /// Transformer depth of each attention layer of this down block (one per resnet).
+    pub transformer_layers: Vec<usize>,
+    /// Transformer depth of each attention layer of the up block that mirrors this one (one
+    /// per resnet: `layers_per_block + 1`).
+    pub up_transformer_layers: Vec<usize>,
+}
+
+/// The UNet's middle block (`mid_block_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MidBlockKind {
+    /// `UNetMidBlock2DCrossAttn`: resnet, transformer of this depth, resnet.
+    CrossAttn { transformer_layers: usize },
+    /// `UNetMidBlock2D` without attention, as UNet2DConditionModel builds it: one resnet.
+    Resnet,
+    /// No mid block (`mid_block_type: null`).
+    None,
 }
 
 /// Architecture of a `UNet2DConditionModel`, from `unet/config.json`.
@@ -172,6 +263,8 @@ pub struct UNetConfig {
     pub text_time: Option<TextTimeConfig>,
     /// Width of the guidance embedding of LCM-distilled UNets (`time_cond_proj_dim`).
     pub time_cond_proj_dim: Option<usize>,
+    /// The middle block.
+    pub mid_block: MidBlockKind,
 }
 
 const UNET_KEYS: &[&str] = &[
@@ -245,7 +338,6 @@ impl UNetConfig {
             "time_embedding_act_fn",
             "timestep_post_act",
             "cross_attention_norm",
-            "reverse_transformer_layers_per_block",
             "mid_block_only_cross_attention",
         ] {
             f.expect_one_of(key, std::slice::from_ref(&null))?;
@@ -305,7 +397,6 @@ impl UNetConfig {
         ] {
             f.expect_one_of(key, std::slice::from_ref(&f_false))?;
         }
-        f.expect_one_of("mid_block_type", &["UNetMidBlock2DCrossAttn".into()])?;
         f.expect_one_of("act_fn", &["silu".into()])?;
         f.expect_one_of("resnet_time_scale_shift", &["default".into()])?;
         f.expect_one_of("time_embedding_type", &["positional".into()])?;
@@ -381,13 +472,30 @@ impl UNetConfig {
             cross.push(is_cross);
         }
         let heads = per_block(f, "attention_head_dim", 8, n)?;
-        let transformer_layers = per_block(f, "transformer_layers_per_block", 1, n)?;
+        let (transformer_layers, up_transformer_layers) =
+            transformer_depths(f, n, f.opt("layers_per_block", 2)?)?;
+        let mid_block = match f.maybe::<Value>("mid_block_type")? {
+            None => MidBlockKind::CrossAttn {
+                transformer_layers: transformer_layers[n - 1][0],
+            },
+            Some(Value::Null) => MidBlockKind::None,
+            Some(Value::String(t)) if t == "UNetMidBlock2DCrossAttn" => MidBlockKind::CrossAttn {
+                // diffusers gives the mid block `transformer_layers_per_block[-1]`, of which
+                // its single attention layer takes the first entry.
+                transformer_layers: transformer_layers[n - 1][0],
+            },
+            Some(Value::String(t)) if t == "UNetMidBlock2D" => MidBlockKind::Resnet,
+            Some(other) => {
+                return Err(f.error("mid_block_type", format!("unsupported value {other}")))
+            }
+        };
         let blocks = (0..n)
             .map(|i| UNetBlockConfig {
                 channels: channels[i],
                 cross_attention: cross[i],
                 heads: heads[i],
-                transformer_layers: transformer_layers[i],
+                transformer_layers: transformer_layers[i].clone(),
+                up_transformer_layers: up_transformer_layers[n - 1 - i].clone(),
             })
             .collect::<Vec<_>>();
         let norm_num_groups: usize = f.opt("norm_num_groups", 32)?;
@@ -449,6 +557,7 @@ impl UNetConfig {
             conv_out_kernel,
             text_time,
             time_cond_proj_dim,
+            mid_block,
         })
     }
 

@@ -3,7 +3,7 @@
 //! `unet/config.json`.
 use candle_core::{DType, Device, Tensor};
 
-use super::config::{UNetBlockConfig, UNetConfig};
+use super::config::{MidBlockKind, UNetBlockConfig, UNetConfig};
 use super::layers::{
     conv2d, geglu, group_norm, layer_norm, linear, Conv2d, Downsample, GroupNorm, LayerNorm,
     Linear, MultiHeadAttention, ResnetBlock, ResnetConfig, Upsample,
@@ -145,10 +145,11 @@ struct SpatialTransformer {
 }
 
 impl SpatialTransformer {
+    /// `depth` transformer blocks of `heads` heads over `channels`.
     fn load(
         w: &Weights,
         channels: usize,
-        block: &UNetBlockConfig,
+        (heads, depth): (usize, usize),
         cfg: &UNetConfig,
     ) -> Result<Self> {
         let proj = |name: &str| -> Result<Projection> {
@@ -158,12 +159,12 @@ impl SpatialTransformer {
                 Projection::Conv(conv2d(&w.pp(name), channels, channels, 1, 1, 0)?)
             })
         };
-        let blocks = (0..block.transformer_layers)
+        let blocks = (0..depth)
             .map(|i| {
                 TransformerBlock::load(
                     &w.pp("transformer_blocks").pp(i),
                     channels,
-                    block.heads,
+                    heads,
                     cfg.cross_attention_dim,
                 )
             })
@@ -220,7 +221,8 @@ struct UpBlock {
     upsample: Option<Upsample>,
 }
 
-/// `UNetMidBlock2DCrossAttn`: resnet, then (transformer, resnet) pairs.
+/// `UNetMidBlock2DCrossAttn` (resnet, then (transformer, resnet) pairs) or `UNetMidBlock2D`
+/// (the resnet alone).
 #[derive(Debug)]
 struct MidBlock {
     first: ResnetBlock,
@@ -239,7 +241,7 @@ pub struct UNet {
     /// `add_embedding.linear_1/2` (SDXL): pooled text + size ids -> time embedding.
     add_embedding: Option<(Linear, Linear)>,
     down: Vec<DownBlock>,
-    mid: MidBlock,
+    mid: Option<MidBlock>,
     up: Vec<UpBlock>,
     conv_norm_out: GroupNorm,
     conv_out: Conv2d,
@@ -281,7 +283,7 @@ impl UNet {
                     attentions.push(SpatialTransformer::load(
                         &wb.pp("attentions").pp(j),
                         out_ch,
-                        block,
+                        (block.heads, block.transformer_layers[j]),
                         cfg,
                     )?);
                 }
@@ -302,22 +304,32 @@ impl UNet {
             });
         }
 
-        let last = cfg.blocks[n - 1].clone();
+        let last = &cfg.blocks[n - 1];
         let wm = w.pp("mid_block");
         let mid_ch = last.channels;
         let mid_scale = cfg.mid_block_scale_factor;
-        let mut layers = Vec::new();
-        // The mid block has one (transformer, resnet) pair; its transformer depth is the last
-        // block's (`transformer_layers_per_block[-1]`), as in diffusers.
-        for j in 0..1 {
-            layers.push((
-                SpatialTransformer::load(&wm.pp("attentions").pp(j), mid_ch, &last, cfg)?,
-                resnet(&wm.pp("resnets").pp(j + 1), mid_ch, mid_ch, mid_scale)?,
-            ));
-        }
-        let mid = MidBlock {
-            first: resnet(&wm.pp("resnets").pp(0), mid_ch, mid_ch, mid_scale)?,
-            layers,
+        let mid = match cfg.mid_block {
+            MidBlockKind::None => None,
+            // A resnet, then (transformer, resnet) pairs: one pair with cross-attention, none
+            // in the plain `UNetMidBlock2D` UNet2DConditionModel builds (num_layers 0).
+            kind => {
+                let mut layers = Vec::new();
+                if let MidBlockKind::CrossAttn { transformer_layers } = kind {
+                    layers.push((
+                        SpatialTransformer::load(
+                            &wm.pp("attentions").pp(0),
+                            mid_ch,
+                            (last.heads, transformer_layers),
+                            cfg,
+                        )?,
+                        resnet(&wm.pp("resnets").pp(1), mid_ch, mid_ch, mid_scale)?,
+                    ));
+                }
+                Some(MidBlock {
+                    first: resnet(&wm.pp("resnets").pp(0), mid_ch, mid_ch, mid_scale)?,
+                    layers,
+                })
+            }
         };
 
         let rev: Vec<&UNetBlockConfig> = cfg.blocks.iter().rev().collect();
@@ -338,7 +350,7 @@ impl UNet {
                     attentions.push(SpatialTransformer::load(
                         &wb.pp("attentions").pp(j),
                         out_ch,
-                        block,
+                        (block.heads, block.up_transformer_layers[j]),
                         cfg,
                     )?);
                 }
@@ -525,10 +537,12 @@ impl UNet {
         }
 
         // 4. mid
-        xs = self.mid.first.forward(&xs, Some(&emb))?;
-        for (attn, resnet) in &self.mid.layers {
-            xs = attn.forward(&xs, &context)?;
-            xs = resnet.forward(&xs, Some(&emb))?;
+        if let Some(mid) = &self.mid {
+            xs = mid.first.forward(&xs, Some(&emb))?;
+            for (attn, resnet) in &mid.layers {
+                xs = attn.forward(&xs, &context)?;
+                xs = resnet.forward(&xs, Some(&emb))?;
+            }
         }
 
         // 5. up
