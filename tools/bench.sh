@@ -20,7 +20,7 @@
 #                     sides [none], e.g. VAE=../taesdxl-random
 #   SD15_DIR [../sd15-random]  SDXL_DIR [../sdxl-random]   built by tools/make_random_sd15.py /
 #                     tools/make_random_sdxl.py when missing (SDXL: ~6.5 GB of float16 files)
-#   PYTHON [/work/venv/bin/python]  a Python with torch + diffusers + transformers + accelerate
+#   PYTHON [python3]  a Python with torch + diffusers + transformers + accelerate
 #   SKIP_LATENT=1     diffusers only (no cargo build);  SKIP_DIFFUSERS=1  latent only
 #   PROFILE=1         adds latent's per-operation profile
 #   OUT               folder that keeps each run's JSON record [a new temporary folder]
@@ -35,7 +35,7 @@ case "$MODEL" in
   *) echo "MODEL must be sd15 or sdxl (SD-Turbo: tools/bench_turbo.sh)" >&2; exit 2 ;;
 esac
 SIZE=${1:-$((NATIVE / 2))}; STEPS=${2:-4}; THREADS=${3:-2}
-PYTHON=${PYTHON:-/work/venv/bin/python}
+PYTHON=${PYTHON:-python3}
 DTYPES=${DTYPES:-${DTYPE:-f32}}
 DIFFUSERS_DTYPES=${DIFFUSERS_DTYPES:-fp32 bf16}
 GUIDANCE=${GUIDANCE:-7.5}; SCHEDULER=${SCHEDULER:-euler}
@@ -81,7 +81,8 @@ cols, used = [], set()
 for d in ours:
     t = match.get(d, "fp32") if match.get(d, "fp32") in theirs else None
     used.add(t)
-    cols.append((f"latent {d}", rec(f"latent-{d}"), f"diffusers {t}" if t else None, rec(f"diffusers-{t}") if t else None))
+    cols.append((f"latent {d}", rec(f"latent-{d}"),
+                 f"diffusers {t}" if t else None, rec(f"diffusers-{t}") if t else None))
 for t in theirs:
     if t not in used:
         cols.append((None, None, f"diffusers {t}", rec(f"diffusers-{t}")))
@@ -96,8 +97,8 @@ for name, r, _, _ in cols:
         print(f"{name}: {r['kernels']}")
 for _, _, name, r in cols:
     if r:
-        print(f"{name}: {r['tool']}, {r['pipeline']}, {r['vae']}, {r['scheduler']}; load average "
-              f"{r['loadavg_1m_start']:.2f} -> {r['loadavg_1m_end']:.2f}")
+        print(f"{name}: {r['tool']}, {r['pipeline']}, {r['vae']}, {r['scheduler']}; "
+              f"load average {r['loadavg_1m_start']:.2f} -> {r['loadavg_1m_end']:.2f}")
 rows = [("load_s", "load s"), ("text_encode_s", "text s"), ("step_s_median", "UNet step s"),
         ("decode_s", "decode s"), ("peak_rss_bytes", "peak RSS GB")]
 head = f"{'stage':<14}"

@@ -16,13 +16,13 @@
 #   DIFFUSERS_DTYPES [fp32 bf16]
 #   SIZE [512]  STEPS [1]  GUIDANCE [0]  SCHEDULER [euler-a]  PROMPT [a photo of a cat]
 #   REPEAT [3]                      images per diffusers run, and `latent generate` runs per dtype
-#   PYTHON [/work/venv/bin/python]  a Python with torch + diffusers + transformers + accelerate
+#   PYTHON [python3]  a Python with torch + diffusers + transformers + accelerate
 #   SKIP_LATENT=1 / SKIP_DIFFUSERS=1  one side only
 #   OUT                             folder that keeps JSON records and images [a new temporary folder]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 THREADS=${1:-2}
-PYTHON=${PYTHON:-/work/venv/bin/python}
+PYTHON=${PYTHON:-python3}
 TURBO_DIR=${TURBO_DIR:-../sd-turbo-random}
 TAESD_DIR=${TAESD_DIR:-../taesd-random}
 DTYPES=${DTYPES:-f32 bf16}
@@ -99,7 +99,7 @@ def latent_vals(d):
     v = {}
     if r:
         v = {k: r.get(k) for k in ("load_s", "text_encode_s", "step_s_median", "decode_s")}
-        v["warm"] = r["text_encode_s"] + sum(r["step_s_all"]) + r["decode_s"]
+        v["warm"] = v["first"] = r["text_encode_s"] + sum(r["step_s_all"]) + r["decode_s"]
         v["rss"] = r["peak_rss_bytes"] / 1e9
     if g:
         v["cold"], v["cold_rss"] = g[0], g[1] / 1e9
@@ -109,7 +109,8 @@ def diffusers_vals(t):
     if not r:
         return {}
     v = {k: r[k] for k in ("load_s", "text_encode_s", "step_s_median", "decode_s")}
-    v.update(warm=r["total_s"], cold=r["cold_s"], rss=r["peak_rss_bytes"] / 1e9)
+    rss = r["peak_rss_bytes"] / 1e9
+    v.update(warm=r["total_s"], first=r["total_s_all"][0], cold=r["cold_s"], rss=rss, cold_rss=rss)
     return v
 print(f"SD-Turbo random weights + tiny VAE, {threads} threads; see the JSON records for settings")
 for _, t in cols:
@@ -119,9 +120,9 @@ for _, t in cols:
               f"{r['width']}x{r['height']}, {r['steps']} step(s), guidance {r['guidance']}; "
               f"load average {r['loadavg_1m_start']:.2f} -> {r['loadavg_1m_end']:.2f}; "
               f"CPU s per image {r['total_cpu_s']:.2f}")
-rows = [("warm", "s/image, loaded"), ("cold", "s/image, cold"), ("load_s", "load s"),
-        ("text_encode_s", "text s"), ("step_s_median", "UNet step s"), ("decode_s", "decode s"),
-        ("rss", "peak RSS GB")]
+rows = [("warm", "s/image, loaded"), ("first", "  1st after load"), ("cold", "s/image, cold"),
+        ("load_s", "load s"), ("text_encode_s", "text s"), ("step_s_median", "UNet step s"), ("decode_s", "decode s"),
+        ("rss", "peak RSS GB"), ("cold_rss", "peak RSS GB, cold")]
 head = f"{'':<18}"
 for d, t in cols:
     head += (f"{'latent ' + d:>13}" if d else "") + (f"{'diffusers ' + t:>16}" if t else "") + \
@@ -140,6 +141,9 @@ for k, label in rows:
         if d and t:
             line += f"{x / y:>7.2f}" if x is not None and y else f"{'-':>7}"
     print(line)
-print("loaded: latent bench --resident text+steps+decode; diffusers pipeline call (median of runs 2..N).")
+print("loaded: latent bench --resident text+steps+decode (one image, the first after load); diffusers")
+print("  pipeline call, median of images 2..N (1st after load: its first image). Stage rows: diffusers'")
+print("  medians over images 2..N.")
 print("cold: latent generate process wall time (median); diffusers process start to first image.")
+print("peak RSS: latent bench / latent generate (max over runs); diffusers' process, both rows.")
 PY

@@ -10,9 +10,10 @@ pads with <|endoftext|> like CLIP-L's, tiny-sd2 pads with "!" like tokenizer_2's
 Weights are drawn from seeded generators (normal, std 1/sqrt(fan_in); norm scales 1 + N(0, 0.1^2)
 and shifts N(0, 0.1^2), so a missing norm shows up in parity) and stored as float16 safetensors.
 Each file is streamed tensor by tensor from the module's shapes (built on the meta device), so the
-build holds one tensor at a time: a few hundred MB of RAM, never the 10 GB of an fp32 SDXL UNet.
+build holds one tensor at a time (peak RSS ~1.4 GB with the final load-back check), never the
+10 GB of an fp32 SDXL UNet; about a minute on 2 cores.
 
-    HF_HUB_OFFLINE=1 /work/venv/bin/python tools/make_random_sdxl.py OUT_DIR [--vae-tiny TINY_DIR]
+    HF_HUB_OFFLINE=1 python3 tools/make_random_sdxl.py OUT_DIR [--vae-tiny TINY_DIR]
 
 --vae-tiny also writes a random-weight AutoencoderTiny with TAESDXL's real config, in the
 madebyollin/taesdxl layout (config.json + diffusion_pytorch_model.safetensors at the root);

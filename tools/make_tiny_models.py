@@ -13,7 +13,7 @@ Every weight is drawn from seeded generators, rounded to float16 and stored as f
 are computed in float32 from exactly those rounded values, by a pipeline loaded back from the folder.
 
 Run with the reference venv, offline:
-  HF_HUB_OFFLINE=1 /work/venv/bin/python tools/make_tiny_models.py
+  HF_HUB_OFFLINE=1 python3 tools/make_tiny_models.py
 """
 
 import argparse
