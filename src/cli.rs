@@ -8,7 +8,7 @@ use latent::device::{DeviceSpec, Precision};
 use latent::noise::RngKind;
 use latent::schedulers::SchedulerKind;
 
-/// Text-to-image generation with latent diffusion (Stable Diffusion 1.x/2.x), in Rust.
+/// Text-to-image generation with latent diffusion (Stable Diffusion 1.x/2.x, SDXL, Turbo, LCM), in Rust.
 #[derive(Debug, Parser)]
 #[command(name = "latent", version, about, propagate_version = true)]
 pub struct Cli {

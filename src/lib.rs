@@ -1,5 +1,7 @@
-//! `latent`: text-to-image generation with latent diffusion models (Stable Diffusion 1.x/2.x) on candle.
+//! `latent`: text-to-image generation with latent diffusion models (Stable Diffusion 1.x/2.x,
+//! SDXL, their Turbo and LCM variants) on candle.
 pub mod batch;
+pub mod conditioning;
 pub mod demo;
 pub mod device;
 pub mod error;

@@ -17,6 +17,10 @@ use crate::schedulers::{self, DenoisedEstimate, Scheduler, SchedulerConfig, Sche
 use crate::text::{ClipOutput, ClipTextConfig, ClipTextModel, ClipTokenizer};
 use crate::{Error, Result};
 
+pub use crate::conditioning::{PromptEmbeddings, SizeConditioning, TextConditioning, TimeIds};
+pub use crate::model::family::Family;
+use crate::model::family::PIPELINE_CLASSES;
+
 /// Something the pipeline reports while it works; the library never prints.
 #[derive(Debug, Clone)]
 pub enum Event {
@@ -121,66 +125,6 @@ impl Loaded {
         released
     }
 }
-
-/// The pipeline families `latent` runs, from `model_index.json`'s `_class_name`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Family {
-    /// `StableDiffusionPipeline` (SD 1.x, 2.x, SD-Turbo) and
-    /// `LatentConsistencyModelPipeline` (LCM-distilled SD 1.x): one CLIP text encoder, its
-    /// last hidden state.
-    StableDiffusion,
-    /// `StableDiffusionXLPipeline` (SDXL, SDXL-Turbo, SSD-1B, Vega, LCM-SDXL): two text
-    /// encoders' penultimate hidden states side by side, the second's pooled projection and
-    /// the size ids as added conditioning.
-    StableDiffusionXl,
-}
-
-impl Family {
-    /// The family of a diffusers pipeline class, if `latent` runs it.
-    pub fn from_pipeline_class(class: &str) -> Option<Self> {
-        match class {
-            "StableDiffusionPipeline" | "LatentConsistencyModelPipeline" => {
-                Some(Family::StableDiffusion)
-            }
-            "StableDiffusionXLPipeline" => Some(Family::StableDiffusionXl),
-            _ => None,
-        }
-    }
-
-    /// Short name for metadata and messages ("SD", "SDXL").
-    pub fn name(self) -> &'static str {
-        match self {
-            Family::StableDiffusion => "SD",
-            Family::StableDiffusionXl => "SDXL",
-        }
-    }
-
-    /// The text encoder folders of the family and what the pipeline reads from each:
-    /// (folder, tokenizer folder, hidden states, pooled projection).
-    fn encoders(self) -> &'static [(&'static str, &'static str, ClipOutput, bool)] {
-        match self {
-            Family::StableDiffusion => {
-                &[("text_encoder", "tokenizer", ClipOutput::LastHidden, false)]
-            }
-            Family::StableDiffusionXl => &[
-                ("text_encoder", "tokenizer", ClipOutput::Penultimate, false),
-                (
-                    "text_encoder_2",
-                    "tokenizer_2",
-                    ClipOutput::Penultimate,
-                    true,
-                ),
-            ],
-        }
-    }
-}
-
-/// Pipeline classes whose `model_index.json` we can run (for messages).
-const PIPELINE_CLASSES: &[&str] = &[
-    "StableDiffusionPipeline",
-    "StableDiffusionXLPipeline",
-    "LatentConsistencyModelPipeline",
-];
 
 /// One text encoder of a model: its tokenizer, config and weight file, and what the pipeline
 /// reads from it.
@@ -771,8 +715,7 @@ impl StableDiffusion {
     }
 
     /// SDXL's size ids for an image of `width` x `height` under `size` (diffusers'
-    /// `_get_add_time_ids`: original size, crop top-left and target size, each as (y, x));
-    /// `None` for models without size conditioning.
+    /// `_get_add_time_ids`); `None` for models without size conditioning.
     pub fn time_ids(
         &self,
         width: usize,
@@ -780,27 +723,7 @@ impl StableDiffusion {
         size: &SizeConditioning,
     ) -> Option<TimeIds> {
         self.unet_config.text_time.as_ref()?;
-        let ids = |original: Option<(usize, usize)>,
-                   crop: Option<(usize, usize)>,
-                   target: Option<(usize, usize)>| {
-            let (ow, oh) = original.unwrap_or((width, height));
-            let (cx, cy) = crop.unwrap_or((0, 0));
-            let (tw, th) = target.unwrap_or((width, height));
-            [oh, ow, cy, cx, th, tw].map(|v| v as f32)
-        };
-        let cond = ids(size.original_size, size.crop_top_left, size.target_size);
-        // diffusers uses separate negative ids only when negative sizes are given; a missing
-        // negative field then takes the same default as its positive counterpart would.
-        let uncond = if size.has_negative() {
-            ids(
-                size.negative_original_size,
-                size.negative_crop_top_left,
-                size.negative_target_size,
-            )
-        } else {
-            cond
-        };
-        Some(TimeIds { cond, uncond })
+        Some(size.time_ids(width, height))
     }
 
     /// Quick pictures of latents (b, c, h, w) at `width` x `height`: the tiny VAE's decode when
@@ -1241,177 +1164,6 @@ pub fn to_rgb8(image: &Tensor) -> Result<Vec<u8>> {
     let hwc = (image.permute((1, 2, 0))? * 255.0)?.round()?;
     let v: Vec<f32> = hwc.flatten_all()?.to_vec1()?;
     Ok(v.into_iter().map(|x| x as u8).collect())
-}
-
-/// The text conditioning of one prompt: what the UNet cross-attends to and, for SDXL, the
-/// pooled embedding of the second text encoder.
-#[derive(Debug, Clone)]
-pub struct TextConditioning {
-    /// (rows, tokens, cross_attention_dim), f32.
-    pub context: Tensor,
-    /// (rows, pooled_dim), f32; SDXL only.
-    pub pooled: Option<Tensor>,
-}
-
-impl TextConditioning {
-    /// Applies `f` to the matching tensors of `a` and `b` (walks interpolate this way).
-    pub fn zip_with(
-        a: &Self,
-        b: &Self,
-        mut f: impl FnMut(&Tensor, &Tensor) -> Result<Tensor>,
-    ) -> Result<Self> {
-        let pooled = match (&a.pooled, &b.pooled) {
-            (Some(pa), Some(pb)) => Some(f(pa, pb)?),
-            (None, None) => None,
-            _ => {
-                return Err(Error::InvalidInput(
-                    "one prompt has a pooled embedding and the other not".into(),
-                ))
-            }
-        };
-        Ok(Self {
-            context: f(&a.context, &b.context)?,
-            pooled,
-        })
-    }
-
-    fn stack(items: &[&TextConditioning]) -> Result<Self> {
-        let contexts: Vec<&Tensor> = items.iter().map(|c| &c.context).collect();
-        let pooled = if items.iter().all(|c| c.pooled.is_some()) && !items.is_empty() {
-            let p: Vec<&Tensor> = items.iter().filter_map(|c| c.pooled.as_ref()).collect();
-            Some(Tensor::cat(&p, 0)?)
-        } else {
-            None
-        };
-        Ok(Self {
-            context: Tensor::cat(&contexts, 0)?,
-            pooled,
-        })
-    }
-}
-
-/// Prompt embeddings: conditional, and unconditional when guidance is on.
-#[derive(Debug, Clone)]
-pub struct PromptEmbeddings {
-    /// The prompt's conditioning, 1 row (or one per image, for walks).
-    pub cond: TextConditioning,
-    /// The negative prompt's; `None` without classifier-free guidance.
-    pub uncond: Option<TextConditioning>,
-}
-
-/// Repeats a tensor of 1 row to `b` rows, or checks it already has `b`.
-fn rows_of(t: &Tensor, b: usize) -> Result<Tensor> {
-    match t.dim(0)? {
-        1 => {
-            let mut reps = vec![1; t.rank()];
-            reps[0] = b;
-            Ok(t.repeat(reps)?)
-        }
-        n if n == b => Ok(t.clone()),
-        n => Err(Error::InvalidInput(format!(
-            "prompt embeddings have {n} rows for a batch of {b}"
-        ))),
-    }
-}
-
-impl PromptEmbeddings {
-    /// The UNet's context for a batch of `b`: [uncond x b, cond x b] with guidance (diffusers'
-    /// order), else cond x b. Embeddings of batch 1 are repeated; others must have `b` rows.
-    pub fn batched(&self, b: usize) -> Result<Tensor> {
-        let cond = rows_of(&self.cond.context, b)?;
-        Ok(match &self.uncond {
-            Some(u) => Tensor::cat(&[&rows_of(&u.context, b)?, &cond], 0)?,
-            None => cond,
-        })
-    }
-
-    /// The pooled embeddings batched as [`Self::batched`] does the context; `None` when the
-    /// model has none.
-    pub fn batched_pooled(&self, b: usize) -> Result<Option<Tensor>> {
-        let Some(cond) = &self.cond.pooled else {
-            return Ok(None);
-        };
-        let cond = rows_of(cond, b)?;
-        Ok(Some(
-            match self.uncond.as_ref().map(|u| u.pooled.as_ref()) {
-                Some(Some(u)) => Tensor::cat(&[&rows_of(u, b)?, &cond], 0)?,
-                Some(None) => {
-                    return Err(Error::InvalidInput(
-                        "the negative prompt has no pooled embedding".into(),
-                    ))
-                }
-                None => cond,
-            },
-        ))
-    }
-
-    /// Stacks per-image embeddings (each of batch 1) into one of batch n.
-    pub fn stack(items: &[PromptEmbeddings]) -> Result<Self> {
-        let conds: Vec<&TextConditioning> = items.iter().map(|e| &e.cond).collect();
-        let uncond = if items.iter().all(|e| e.uncond.is_some()) && !items.is_empty() {
-            let u: Vec<&TextConditioning> =
-                items.iter().filter_map(|e| e.uncond.as_ref()).collect();
-            Some(TextConditioning::stack(&u)?)
-        } else {
-            None
-        };
-        Ok(Self {
-            cond: TextConditioning::stack(&conds)?,
-            uncond,
-        })
-    }
-}
-
-/// SDXL's size ids of one image, six values each: original (h, w), crop (top, left),
-/// target (h, w), for the prompt and for the negative prompt.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct TimeIds {
-    pub cond: [f32; TIME_IDS],
-    pub uncond: [f32; TIME_IDS],
-}
-
-impl TimeIds {
-    /// (rows, 6) f32: [uncond x b, cond x b] with guidance, else cond x b.
-    fn batched(&self, b: usize, cfg: bool, device: &Device) -> Result<Tensor> {
-        let mut data = Vec::with_capacity(2 * b * TIME_IDS);
-        if cfg {
-            (0..b).for_each(|_| data.extend_from_slice(&self.uncond));
-        }
-        (0..b).for_each(|_| data.extend_from_slice(&self.cond));
-        let rows = data.len() / TIME_IDS;
-        Ok(Tensor::from_vec(data, (rows, TIME_IDS), device)?)
-    }
-}
-
-/// SDXL's size conditioning ("micro-conditioning"), in pixels as (width, height) and (x, y).
-/// Unset sizes default as in diffusers: the image size, and a crop at (0, 0). Other models
-/// ignore it.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct SizeConditioning {
-    /// The size the picture should look as if it came from.
-    pub original_size: Option<(usize, usize)>,
-    /// Top-left corner of the crop it should look as if it was cut at.
-    pub crop_top_left: Option<(usize, usize)>,
-    /// The size it should look as if it was made for.
-    pub target_size: Option<(usize, usize)>,
-    /// The same three for the negative prompt; all unset = the prompt's.
-    pub negative_original_size: Option<(usize, usize)>,
-    pub negative_crop_top_left: Option<(usize, usize)>,
-    pub negative_target_size: Option<(usize, usize)>,
-}
-
-impl SizeConditioning {
-    /// Whether any negative size is set.
-    pub fn has_negative(&self) -> bool {
-        self.negative_original_size.is_some()
-            || self.negative_crop_top_left.is_some()
-            || self.negative_target_size.is_some()
-    }
-
-    /// Whether anything differs from the defaults.
-    pub fn is_default(&self) -> bool {
-        *self == Self::default()
-    }
 }
 
 /// How to sample: everything but the prompt and the seeds.

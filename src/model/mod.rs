@@ -1,6 +1,7 @@
 //! Finding and loading a model: local folder or hub id, config parsing, component weights.
 pub mod autoencoder;
 pub mod config;
+pub mod family;
 pub mod layers;
 pub mod source;
 pub mod tiny_vae;
