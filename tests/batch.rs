@@ -6,12 +6,15 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use latent::batch::{self, Defaults, Format, Plan, Record};
 use latent::model::ModelSource;
 use latent::noise::RngKind;
 use latent::pipeline::{Sampling, StableDiffusion, Timings};
 use serde_json::Value;
+
+mod common;
+use common::{max_abs, max_abs_diff};
 
 fn model_dir() -> String {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -316,30 +319,6 @@ fn load_tiny() -> StableDiffusion {
         .open()
         .unwrap();
     StableDiffusion::load(&files, &Device::Cpu, DType::F32, &mut |_| {}).unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
-fn max_abs(a: &Tensor) -> f32 {
-    a.abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 #[test]

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use latent::model::ModelSource;
 use latent::noise::RngKind;
 use latent::pipeline::{
@@ -14,7 +14,7 @@ use latent::pipeline::{
 use serde_json::Value;
 
 mod common;
-use common::{copy_dir, fixtures, max_abs_diff};
+use common::{assert_matches_golden, copy_dir, fixtures, max_abs_diff};
 
 fn load_model(name: &str) -> StableDiffusion {
     let files = ModelSource::parse(&fixtures().join(name).display().to_string(), None)
@@ -78,52 +78,7 @@ fn run_case(case: &Value, models: &mut HashMap<String, StableDiffusion>) {
         &Device::Cpu,
     )
     .unwrap();
-    let latents = Tensor::stack(
-        &out.images
-            .iter()
-            .map(|i| i.latents.clone())
-            .collect::<Vec<_>>(),
-        0,
-    )
-    .unwrap();
-    let d_lat = max_abs_diff(&latents, &golden["latents"]);
-    let scale = golden["latents"]
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    // Tolerance: f32 on both sides, differing only in summation order. The tiny random models
-    // give latents up to ~21 in magnitude and guidance 7.5 amplifies every rounding difference,
-    // so the bound is relative to the latents' range: 1e-5 of max |latents| (about 2e-4 here;
-    // measured worst 1.1e-4 absolute, 5e-6 relative).
-    assert!(
-        d_lat <= 1e-5 * scale.max(1.0),
-        "{name}: latents max abs diff {d_lat} (max |latents| {scale})"
-    );
-
-    let u8_golden: Vec<u8> = golden["image_u8"].flatten_all().unwrap().to_vec1().unwrap();
-    let ours: Vec<u8> = out
-        .images
-        .iter()
-        .flat_map(|i| i.rgb.iter().copied())
-        .collect();
-    assert_eq!(ours.len(), u8_golden.len(), "{name}: image size");
-    let worst = ours
-        .iter()
-        .zip(&u8_golden)
-        .map(|(a, b)| a.abs_diff(*b))
-        .max()
-        .unwrap();
-    // A value within 1e-4 of a rounding boundary may round the other way: at most 1 level.
-    assert!(worst <= 1, "{name}: image differs by {worst}/255");
-    eprintln!(
-        "{name}: latents max abs diff {d_lat:.2e} (relative {:.1e}), image max diff {worst}/255",
-        d_lat / scale
-    );
+    assert_matches_golden(name, &out.images, &golden);
 }
 
 fn cases() -> Vec<Value> {

@@ -8,6 +8,9 @@ use latent::text::{ClipActivation, ClipTextConfig, ClipTextModel, ClipTokenizer}
 use latent::Error;
 use serde_json::Value;
 
+mod common;
+use common::max_abs_diff;
+
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
@@ -146,19 +149,6 @@ fn embed(tokenizer: &ClipTokenizer, model: &ClipTextModel, prompts: &[&str]) -> 
         .collect();
     let ids = Tensor::from_vec(ids, (prompts.len(), tokenizer.max_length()), &Device::Cpu).unwrap();
     model.forward(&ids).unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 /// (model, prompt, golden (1, 77, hidden)) for every embedding case.

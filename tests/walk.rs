@@ -18,6 +18,9 @@ use latent::schedulers::SchedulerKind;
 use latent::walk::{self, Ease, Interp, Keyframe, Walk, WalkRecord, WalkSettings};
 use serde_json::Value;
 
+mod common;
+use common::max_abs;
+
 fn sd1() -> String {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/tiny-sd1")
@@ -255,17 +258,6 @@ fn noise(seed: u64) -> Tensor {
         &Device::Cpu,
     )
     .unwrap()
-}
-
-fn max_abs(t: &Tensor) -> f32 {
-    t.abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
 }
 
 /// Tolerances: a frame rendered in a batch and the same inputs rendered alone differ only in

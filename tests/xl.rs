@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use latent::model::{ModelFiles, ModelSource};
 use latent::noise::RngKind;
 use latent::pipeline::{
@@ -16,7 +16,7 @@ use latent::text::ClipTokenizer;
 use serde_json::Value;
 
 mod common;
-use common::{copy_dir, fixtures, max_abs, max_abs_diff};
+use common::{assert_matches_golden, copy_dir, fixtures, max_abs, max_abs_diff};
 
 fn golden_dir() -> PathBuf {
     fixtures().join("golden-xl")
@@ -252,40 +252,7 @@ fn run_case(case: &Value, models: &mut HashMap<PathBuf, StableDiffusion>, tmp: &
     }
 
     let out = model.generate(&req, &mut |_| {}).unwrap();
-    let latents = Tensor::stack(
-        &out.images
-            .iter()
-            .map(|i| i.latents.clone())
-            .collect::<Vec<_>>(),
-        0,
-    )
-    .unwrap();
-    let d = max_abs_diff(&latents, &golden["latents"]);
-    let scale = max_abs(&golden["latents"]).max(1.0);
-    // f32 on both sides; bound relative to the latents' range as in tests/pipeline.rs.
-    assert!(
-        d <= 1e-5 * scale,
-        "{name}: latents max abs diff {d} (max |latents| {scale})"
-    );
-    let want: Vec<u8> = golden["image_u8"].flatten_all().unwrap().to_vec1().unwrap();
-    let ours: Vec<u8> = out
-        .images
-        .iter()
-        .flat_map(|i| i.rgb.iter().copied())
-        .collect();
-    assert_eq!(ours.len(), want.len(), "{name}: image size");
-    let worst = ours
-        .iter()
-        .zip(&want)
-        .map(|(a, b)| a.abs_diff(*b))
-        .max()
-        .unwrap();
-    // A value within rounding distance of a level boundary may round the other way.
-    assert!(worst <= 1, "{name}: image differs by {worst}/255");
-    eprintln!(
-        "{name}: latents max abs diff {d:.2e} (relative {:.1e}), image max diff {worst}/255",
-        d / scale
-    );
+    assert_matches_golden(name, &out.images, &golden);
 }
 
 #[test]

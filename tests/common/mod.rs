@@ -4,7 +4,10 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use std::collections::HashMap;
+
 use candle_core::{DType, Tensor};
+use latent::pipeline::GeneratedImage;
 
 /// tests/fixtures: the tiny models and the golden files.
 pub fn fixtures() -> PathBuf {
@@ -59,4 +62,41 @@ pub fn latent(args: &[&str]) -> Output {
 /// A command's standard error as text.
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Holds a generation to diffusers' golden run `name`: final latents within 1e-5 of the
+/// latents' range (f32 on both sides, differing in summation order only; the tiny random
+/// models give latents up to ~50 and guidance amplifies every rounding difference, so the bound
+/// is relative), saved 8-bit images within 1/255 (a value within rounding distance of a level
+/// boundary may round the other way). Prints what it measured.
+pub fn assert_matches_golden(
+    name: &str,
+    images: &[GeneratedImage],
+    golden: &HashMap<String, Tensor>,
+) {
+    let latents = Tensor::stack(
+        &images.iter().map(|i| i.latents.clone()).collect::<Vec<_>>(),
+        0,
+    )
+    .unwrap();
+    let d = max_abs_diff(&latents, &golden["latents"]);
+    let scale = max_abs(&golden["latents"]).max(1.0);
+    assert!(
+        d <= 1e-5 * scale,
+        "{name}: latents max abs diff {d} (max |latents| {scale})"
+    );
+    let want: Vec<u8> = golden["image_u8"].flatten_all().unwrap().to_vec1().unwrap();
+    let ours: Vec<u8> = images.iter().flat_map(|i| i.rgb.iter().copied()).collect();
+    assert_eq!(ours.len(), want.len(), "{name}: image size");
+    let worst = ours
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| a.abs_diff(*b))
+        .max()
+        .unwrap();
+    assert!(worst <= 1, "{name}: image differs by {worst}/255");
+    eprintln!(
+        "{name}: latents max abs diff {d:.2e} (relative {:.1e}), image max diff {worst}/255",
+        d / scale
+    );
 }
