@@ -148,7 +148,17 @@ pub fn times_weight_t(
         Repr::F32(data) => {
             let biased = write_bias(dst, dst_rs, m, n, bias, false);
             let rhs = View { data, rs: 1, cs: k };
-            gemm_f32(m, n, k, lhs, rhs, dst, dst_rs, biased, threads);
+            // Linear layers over few tokens (text encoders) split their output columns.
+            if m < MAX_ROWS_FOR_COLUMN_SPLIT
+                && threads > 1
+                && n >= 2 * MIN_COLS_PER_THREAD
+                && 2 * m * n * k >= MIN_PARALLEL_FLOPS
+            {
+                check_gemm_views(m, n, k, lhs, rhs, dst, dst_rs);
+                gemm_column_blocks(m, n, k, lhs, rhs, dst, dst_rs, biased, threads);
+            } else {
+                gemm_f32(m, n, k, lhs, rhs, dst, dst_rs, biased, threads);
+            }
         }
         Repr::Bf16Rhs(p) => {
             let bias = bias.map_or(bf16::Bias::None, bf16::Bias::PerCol);
@@ -219,18 +229,7 @@ pub fn gemm_f32(
     if m == 0 || n == 0 {
         return;
     }
-    assert!(
-        m == 0 || dst.len() >= (m - 1) * dst_rs + n,
-        "gemm: destination too small"
-    );
-    assert!(
-        k == 0 || lhs.data.len() > (m - 1) * lhs.rs + (k - 1) * lhs.cs,
-        "gemm: lhs too small"
-    );
-    assert!(
-        k == 0 || rhs.data.len() > (k - 1) * rhs.rs + (n - 1) * rhs.cs,
-        "gemm: rhs too small"
-    );
+    check_gemm_views(m, n, k, lhs, rhs, dst, dst_rs);
     if k == 0 {
         if !accumulate {
             for i in 0..m {
@@ -274,6 +273,105 @@ pub fn gemm_f32(
             ..lhs
         };
         gemm_serial(rows, n, k, lhs, rhs, part, dst_rs, accumulate);
+    });
+}
+
+/// Panics unless the views and `dst` cover an `m x k` by `k x n` product (internal shapes,
+/// checked before the unsafe kernels run).
+fn check_gemm_views(
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs: View,
+    rhs: View,
+    dst: &[f32],
+    dst_rs: usize,
+) {
+    assert!(
+        m == 0 || n == 0 || dst.len() >= (m - 1) * dst_rs + n,
+        "gemm: destination too small"
+    );
+    assert!(
+        m == 0 || k == 0 || lhs.data.len() > (m - 1) * lhs.rs + (k - 1) * lhs.cs,
+        "gemm: lhs too small"
+    );
+    assert!(
+        n == 0 || k == 0 || rhs.data.len() > (k - 1) * rhs.rs + (n - 1) * rhs.cs,
+        "gemm: rhs too small"
+    );
+}
+
+/// Linear layers with fewer rows than this split their columns over the threads.
+const MAX_ROWS_FOR_COLUMN_SPLIT: usize = 256;
+/// Column blocks narrower than this are not worth a thread of their own.
+const MIN_COLS_PER_THREAD: usize = 64;
+
+/// The destination's base pointer, shared by threads that write disjoint column blocks.
+#[derive(Clone, Copy)]
+struct DstPtr(*mut f32);
+// SAFETY: every thread writes only its own columns of the destination (see
+// `gemm_column_blocks`), so no element is written by two threads or read while written.
+unsafe impl Send for DstPtr {}
+unsafe impl Sync for DstPtr {}
+
+impl DstPtr {
+    /// The pointer (a method, so closures capture the whole `Send` wrapper, not the field).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// [`gemm_f32`] with the columns of `rhs` and `dst` split into `threads` blocks, one
+/// single-threaded product each: few rows and many columns (a text encoder's 77 tokens
+/// through a linear layer), where every thread packing the whole right-hand operand would
+/// cost as much as its share of the product. The views and `dst` were checked by
+/// [`check_gemm_views`].
+#[allow(clippy::too_many_arguments)]
+fn gemm_column_blocks(
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs: View,
+    rhs: View,
+    dst: &mut [f32],
+    dst_rs: usize,
+    accumulate: bool,
+    threads: usize,
+) {
+    let blocks = threads.clamp(1, n / MIN_COLS_PER_THREAD);
+    // Multiples of 16 columns keep the AVX-512 kernels on full vectors.
+    let per = n.div_ceil(blocks).div_ceil(16) * 16;
+    let base = DstPtr(dst.as_mut_ptr());
+    let starts: Vec<usize> = (0..n).step_by(per).collect();
+    use rayon::prelude::*;
+    starts.into_par_iter().for_each(|c0| {
+        let cols = per.min(n - c0);
+        // SAFETY: check_gemm_views checked that dst holds (m - 1) * dst_rs + n elements and that rhs
+        // covers k x n; this block reads rhs columns c0..c0 + cols and writes dst columns
+        // c0..c0 + cols of rows 0..m, which no other block touches.
+        unsafe {
+            gemm::gemm(
+                m,
+                cols,
+                k,
+                base.get().add(c0),
+                1,
+                dst_rs as isize,
+                accumulate,
+                lhs.data.as_ptr(),
+                lhs.cs as isize,
+                lhs.rs as isize,
+                rhs.data.as_ptr().add(c0 * rhs.cs),
+                rhs.cs as isize,
+                rhs.rs as isize,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
     });
 }
 
@@ -383,6 +481,46 @@ mod tests {
                         assert!(d <= 1e-5 * (k as f64).sqrt() * 4.0, "{m}x{n}x{k}: {d}");
                     }
                     assert_eq!(dst[i * (n + 2) + n], 0.5, "padding column touched");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn linear_over_few_tokens_splits_columns_and_matches() {
+        // Few rows and many output columns take the column split; uneven blocks.
+        for &(m, out, inp) in &[(77, 1000, 300), (7, 131, 4000)] {
+            let w = values(out * inp, 6);
+            let x = values(m * inp, 7);
+            let bias = values(out, 8);
+            let rhs_t = Weight::new(w.clone(), out, inp, Role::RhsT, Precision::F32);
+            let wt = View {
+                data: &w,
+                rs: 1,
+                cs: inp,
+            };
+            let want = naive(m, out, inp, View::rows(&x, inp), wt);
+            for threads in [1, 2] {
+                let mut dst = vec![0.5f32; m * (out + 3)];
+                times_weight_t(
+                    View::rows(&x, inp),
+                    m,
+                    &rhs_t,
+                    &mut dst,
+                    out + 3,
+                    Some(&bias),
+                    threads,
+                );
+                for i in 0..m {
+                    for j in 0..out {
+                        let got = dst[i * (out + 3) + j] as f64;
+                        let d = (got - want[i * out + j] - bias[j] as f64).abs();
+                        assert!(
+                            d <= 1e-5 * (inp as f64).sqrt() * 4.0,
+                            "{m}x{out}x{inp}: {d}"
+                        );
+                    }
+                    assert_eq!(dst[i * (out + 3) + out], 0.5, "padding column touched");
                 }
             }
         }
