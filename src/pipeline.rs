@@ -676,20 +676,21 @@ impl StableDiffusion {
             timestep_cond: timestep_cond.as_ref(),
         };
         let timesteps = scheduler.timesteps().to_vec();
-        let estimate = match preview_every {
-            Some(_) => Some(DenoisedEstimate::new(&self.scheduler_config)?),
+        // Previews: every n steps, x̂₀ from the scaled input and the guided output.
+        let preview = match preview_every {
+            Some(n) => Some((n, DenoisedEstimate::new(&self.scheduler_config)?)),
             None => None,
         };
         let mut latents = latents;
         for (i, &t) in timesteps.iter().enumerate() {
+            // Scaled once, then doubled for the guidance batch (the scaling is per element).
+            let scaled = scheduler.scale_model_input(&latents, i)?;
             let model_input = if cfg {
-                Tensor::cat(&[&latents, &latents], 0)?
+                Tensor::cat(&[&scaled, &scaled], 0)?
             } else {
-                latents.clone()
-            };
-            let model_input = scheduler
-                .scale_model_input(&model_input, i)?
-                .to_dtype(self.act_dtype)?;
+                scaled.clone()
+            }
+            .to_dtype(self.act_dtype)?;
             let pred = unet
                 .forward_with(&model_input, t, &context, &added)?
                 .to_dtype(DType::F32)?;
@@ -700,11 +701,10 @@ impl StableDiffusion {
             } else {
                 pred
             };
-            // A preview every n steps, and none after the last (the image itself follows).
-            let denoised = match (&estimate, preview_every) {
-                (Some(e), Some(n)) if (i + 1) % n == 0 && i + 1 < timesteps.len() => {
-                    let input = scheduler.scale_model_input(&latents, i)?;
-                    Some(e.estimate(&input, &pred, t)?)
+            // None after the last step: the image itself follows.
+            let denoised = match &preview {
+                Some((n, estimate)) if (i + 1) % n == 0 && i + 1 < timesteps.len() => {
+                    Some(estimate.estimate(&scaled, &pred, t)?)
                 }
                 _ => None,
             };

@@ -658,46 +658,42 @@ impl ClipTextModel {
         let positions = self.position_embedding.narrow(0, 0, seq)?;
         let mut xs = tokens.broadcast_add(&positions)?;
         let mask = causal_mask(seq, xs.device())?;
-        let n = self.layers.len();
-        // Without a projection nothing needs the last layer when the penultimate is asked for.
-        let run = match (output, &self.text_projection) {
-            (ClipOutput::Penultimate, None) => n - 1,
-            _ => n,
+        // hidden_states[-2] is the input of the last layer; the last layer runs only when its
+        // output (last_hidden_state, or the pooled embedding read from it) is wanted.
+        let (last_layer, inner) = match self.layers.split_last() {
+            Some((last, inner)) => (Some(last), inner),
+            None => (None, &[][..]),
         };
-        let mut penultimate = None;
-        for (i, layer) in self.layers.iter().take(run).enumerate() {
-            if i + 1 == n {
-                penultimate = Some(xs.clone());
-            }
+        for layer in inner {
             xs = layer.forward(&xs, &mask)?;
         }
-        let penultimate = penultimate.unwrap_or_else(|| xs.clone());
-        let last = if run == n || output == ClipOutput::LastHidden {
+        let penultimate = match output {
+            ClipOutput::Penultimate => Some(xs.to_dtype(DType::F32)?),
+            ClipOutput::LastHidden => None,
+        };
+        let last = if output == ClipOutput::LastHidden || self.text_projection.is_some() {
+            if let Some(layer) = last_layer {
+                xs = layer.forward(&xs, &mask)?;
+            }
             Some(norm_f32(&self.final_layer_norm, &xs)?.to_dtype(DType::F32)?)
         } else {
             None
         };
         let pooled = match (&self.text_projection, &last) {
             (Some(proj), Some(last)) => {
-                let rows = input_ids.to_dtype(DType::U32)?.to_vec2::<u32>()?;
-                let picked = rows
+                let picked = ids
+                    .to_vec2::<u32>()?
                     .iter()
                     .enumerate()
-                    .map(|(i, row)| {
-                        let pos = pooled_position(row, c.eos_token_id);
-                        last.get(i)?.get(pos)
-                    })
+                    .map(|(i, row)| last.get(i)?.get(pooled_position(row, c.eos_token_id)))
                     .collect::<candle_core::Result<Vec<_>>>()?;
                 Some(proj.forward(&Tensor::stack(&picked, 0)?)?)
             }
             _ => None,
         };
-        let hidden = match output {
-            ClipOutput::LastHidden => last.ok_or_else(|| {
-                Error::InvalidInput("internal error: the last layer did not run".into())
-            })?,
-            ClipOutput::Penultimate => penultimate.to_dtype(DType::F32)?,
-        };
+        let hidden = penultimate.or(last).ok_or_else(|| {
+            Error::InvalidInput("internal error: no text encoder output was computed".into())
+        })?;
         debug_assert_eq!(hidden.dims(), &[b, seq, c.hidden_size]);
         Ok(ClipEncoding { hidden, pooled })
     }

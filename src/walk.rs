@@ -428,7 +428,8 @@ impl<'m> Walk<'m> {
         } else {
             TextConditioning::zip_with(&ea.cond, &eb.cond, |x, y| interp.apply(x, y, s))?
         };
-        let uncond = match (guidance > 1.0, &ea.uncond, &eb.uncond) {
+        // The model's rule, not `guidance > 1`: LCM-distilled UNets take guidance as an input.
+        let uncond = match (self.model.uses_cfg(guidance), &ea.uncond, &eb.uncond) {
             (false, _, _) => None,
             (true, Some(ua), Some(ub)) => Some(if same_text {
                 ua.clone()

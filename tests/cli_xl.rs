@@ -117,6 +117,37 @@ fn turbo_and_lcm_run_from_the_command_line() {
 }
 
 #[test]
+fn an_lcm_model_walks_with_its_guidance_embedding() {
+    // Guidance above 1 on an LCM-distilled UNet is an input, not a second (unconditional) pass.
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("walk");
+    let out_s = out.display().to_string();
+    let model = fixture("tiny-lcm");
+    let o = latent(&[
+        "walk",
+        "-p",
+        "a red circle",
+        "-p",
+        "a blue square",
+        "--seed",
+        "1",
+        "--frames",
+        "2",
+        "--steps",
+        "2",
+        "--guidance",
+        "8",
+        "--model",
+        &model,
+        "-o",
+        &out_s,
+        "--quiet",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(out.join("frame-00002.png").is_file());
+}
+
+#[test]
 fn preview_file_is_written_next_to_the_output() {
     let dir = tempfile::tempdir().unwrap();
     let png = dir.path().join("cat.png");

@@ -286,10 +286,8 @@ def build_sdxl(root, seed):
     scheduler = EulerDiscreteScheduler.from_config(SDXL_BASE_SCHEDULER)
 
     meta = {"format": "pt"}
-    unet.save_config(root / "unet")
-    save_file(half_state_dict(unet), root / "unet" / "diffusion_pytorch_model.safetensors", meta)
-    vae.save_config(root / "vae")
-    save_file(half_state_dict(vae), root / "vae" / "diffusion_pytorch_model.safetensors", meta)
+    save_component(unet, root / "unet", meta)
+    save_component(vae, root / "vae", meta)
     save_text_encoder(text_encoder, root / "text_encoder", meta)
     keys2 = save_text_encoder(text_encoder_2, root / "text_encoder_2", meta)
     assert "text_projection.weight" in keys2 and "text_projection.bias" not in keys2, keys2
@@ -311,6 +309,12 @@ def build_sdxl(root, seed):
     return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
 
 
+def save_component(model, dir_, meta):
+    """A diffusers component folder: config.json and float16 diffusion_pytorch_model.safetensors."""
+    model.save_config(dir_)
+    save_file(half_state_dict(model), dir_ / "diffusion_pytorch_model.safetensors", meta)
+
+
 def build_lcm(root, seed):
     if root.exists():
         shutil.rmtree(root)
@@ -325,10 +329,8 @@ def build_lcm(root, seed):
     scheduler = LCMScheduler.from_config(LCM_DREAMSHAPER_V7_SCHEDULER)
 
     meta = {"format": "pt"}
-    unet.save_config(root / "unet")
-    save_file(half_state_dict(unet), root / "unet" / "diffusion_pytorch_model.safetensors", meta)
-    vae.save_config(root / "vae")
-    save_file(half_state_dict(vae), root / "vae" / "diffusion_pytorch_model.safetensors", meta)
+    save_component(unet, root / "unet", meta)
+    save_component(vae, root / "vae", meta)
     save_text_encoder(text_encoder, root / "text_encoder", meta)
     scheduler.save_config(root / "scheduler")
 

@@ -407,7 +407,7 @@ fn check(
         let s = group.sampling();
         let b = args.batch_size.min(group.jobs.len());
         let group_batches = group.jobs.len().div_ceil(args.batch_size);
-        let key = (s.width, s.height, s.guidance > 1.0, b);
+        let key = (s.width, s.height, model.uses_cfg(s.guidance), b);
         let probe = match probes.get(&key) {
             Some(p) => *p,
             None => {

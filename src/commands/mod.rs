@@ -59,8 +59,8 @@ pub fn load_model(
     let files = source.open()?;
     let vae = match &args.vae {
         Some(spec) => Some(
-            ModelSource::parse_component(spec, "--vae")?
-                .open()
+            ModelSource::parse_component(spec)
+                .and_then(|s| s.open())
                 .with_context(|| format!("--vae {spec}"))?,
         ),
         None => None,
@@ -118,27 +118,23 @@ fn extra_params(model: &StableDiffusion, s: &Sampling) -> Vec<(String, String)> 
     if let Some(vae) = model.vae_name() {
         extra.push(("VAE".into(), vae.to_string()));
     }
-    if model
-        .time_ids(s.width, s.height, &s.size_conditioning)
-        .is_some()
-    {
-        let c = &s.size_conditioning;
-        let size = |key: &str, v: Option<(usize, usize)>, sep: &str| {
-            v.map(|(a, b)| (key.to_string(), format!("{a}{sep}{b}")))
-        };
-        extra.extend(
-            [
-                size("Original size", c.original_size, "x"),
-                size("Crop top-left", c.crop_top_left, ","),
-                size("Target size", c.target_size, "x"),
-                size("Negative original size", c.negative_original_size, "x"),
-                size("Negative crop top-left", c.negative_crop_top_left, ","),
-                size("Negative target size", c.negative_target_size, "x"),
-            ]
-            .into_iter()
-            .flatten(),
-        );
-    }
+    // Only SDXL models accept size conditioning (`check_inputs`), so set sizes are theirs.
+    let c = &s.size_conditioning;
+    let size = |key: &str, v: Option<(usize, usize)>, sep: &str| {
+        v.map(|(a, b)| (key.to_string(), format!("{a}{sep}{b}")))
+    };
+    extra.extend(
+        [
+            size("Original size", c.original_size, "x"),
+            size("Crop top-left", c.crop_top_left, ","),
+            size("Target size", c.target_size, "x"),
+            size("Negative original size", c.negative_original_size, "x"),
+            size("Negative crop top-left", c.negative_crop_top_left, ","),
+            size("Negative target size", c.negative_target_size, "x"),
+        ]
+        .into_iter()
+        .flatten(),
+    );
     extra.push(("RNG".into(), s.rng.to_string()));
     extra
 }

@@ -1,7 +1,7 @@
 //! The image decoder a pipeline uses: the model's own `AutoencoderKL`, or a replacement given
 //! by the user (a tiny `AutoencoderTiny` such as TAESD, or another `AutoencoderKL` such as the
 //! SDXL fp16-fix VAE), found in a folder or hub repo of its own.
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
@@ -67,35 +67,18 @@ impl AutoencoderFiles {
     /// The VAE in `folder` of `files` (`"vae"` inside a model, `""` for a VAE repo whose
     /// `config.json` sits at the top), of either class.
     pub fn open(files: &ModelFiles, folder: &str, prefer_fp16: bool) -> Result<Self> {
-        let rel = |name: &str| {
-            if folder.is_empty() {
-                name.to_string()
-            } else {
-                format!("{folder}/{name}")
-            }
-        };
-        let config_path = files.get(&rel("config.json"))?;
-        let file = ConfigFile::open(&config_path)?;
-        let config = match VaeKind::from_config(&file)? {
-            VaeKind::Kl => AutoencoderConfig::Kl(VaeConfig::from_config(&file)?),
-            VaeKind::Tiny => AutoencoderConfig::Tiny(TinyVaeConfig::from_config(&file)?),
-        };
-        let weights = files.weights(folder, "diffusion_pytorch_model", prefer_fp16)?;
+        let config_path = files.get(&in_folder(folder, "config.json"))?;
         Ok(Self {
-            config,
+            config: read_config(&config_path)?,
             config_path,
-            weights,
+            weights: files.weights(folder, "diffusion_pytorch_model", prefer_fp16)?,
         })
     }
 
     /// Only the architecture of the VAE in `folder` (its weights are not looked up, so a hub
     /// model's VAE is not downloaded).
     pub fn open_config_only(files: &ModelFiles, folder: &str) -> Result<AutoencoderConfig> {
-        let file = ConfigFile::open(&files.get(&format!("{folder}/config.json"))?)?;
-        Ok(match VaeKind::from_config(&file)? {
-            VaeKind::Kl => AutoencoderConfig::Kl(VaeConfig::from_config(&file)?),
-            VaeKind::Tiny => AutoencoderConfig::Tiny(TinyVaeConfig::from_config(&file)?),
-        })
+        read_config(&files.get(&in_folder(folder, "config.json"))?)
     }
 
     /// A VAE given on its own (a `--vae` folder or repo): `config.json` at its top (the
@@ -128,6 +111,24 @@ impl AutoencoderFiles {
             AutoencoderConfig::Tiny(c) => Autoencoder::Tiny(Box::new(TinyVaeDecoder::load(w, c)?)),
         })
     }
+}
+
+/// `name` inside `folder` (`""`: at the top).
+fn in_folder(folder: &str, name: &str) -> String {
+    if folder.is_empty() {
+        name.to_string()
+    } else {
+        format!("{folder}/{name}")
+    }
+}
+
+/// A VAE `config.json` of either class.
+fn read_config(path: &Path) -> Result<AutoencoderConfig> {
+    let file = ConfigFile::open(path)?;
+    Ok(match VaeKind::from_config(&file)? {
+        VaeKind::Kl => AutoencoderConfig::Kl(VaeConfig::from_config(&file)?),
+        VaeKind::Tiny => AutoencoderConfig::Tiny(TinyVaeConfig::from_config(&file)?),
+    })
 }
 
 /// A loaded decoder.

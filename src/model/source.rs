@@ -30,13 +30,13 @@ impl ModelSource {
         )
     }
 
-    /// A single component's folder or repo (a VAE), as [`Self::parse`] reads a model;
-    /// `label` names the setting in messages.
-    pub fn parse_component(spec: &str, label: &str) -> Result<Self> {
+    /// A single component's folder or repo (a VAE), as [`Self::parse`] reads a model; the
+    /// caller names the setting in its message.
+    pub fn parse_component(spec: &str) -> Result<Self> {
         Self::parse_as(
             spec,
             None,
-            label,
+            "folder",
             "config.json, diffusion_pytorch_model.safetensors",
         )
     }

@@ -3,7 +3,7 @@
 //! `unet/config.json`.
 use candle_core::{DType, Device, Tensor};
 
-use super::config::{MidBlockKind, UNetBlockConfig, UNetConfig};
+use super::config::{MidBlockKind, UNetBlockConfig, UNetConfig, TIME_IDS};
 use super::layers::{
     conv2d, geglu, group_norm, layer_norm, linear, Conv2d, Downsample, GroupNorm, LayerNorm,
     Linear, MultiHeadAttention, ResnetBlock, ResnetConfig, Upsample,
@@ -229,6 +229,51 @@ struct MidBlock {
     layers: Vec<(SpatialTransformer, ResnetBlock)>,
 }
 
+/// SDXL's `add_time_proj` + `add_embedding` (`addition_embed_type: "text_time"`).
+#[derive(Debug)]
+struct AddEmbedding {
+    /// Sinusoidal width of each size id.
+    time_embed_dim: usize,
+    linear_1: Linear,
+    linear_2: Linear,
+}
+
+impl AddEmbedding {
+    /// text_embeds (b, pooled_dim) and time_ids (b, 6) -> (b, time_embed_dim of the UNet):
+    /// the ids' sinusoidal embeddings (the UNet's flip and shift) after the pooled text,
+    /// through linear, SiLU, linear.
+    fn forward(
+        &self,
+        text_embeds: &Tensor,
+        time_ids: &Tensor,
+        cfg: &UNetConfig,
+        dtype: DType,
+    ) -> Result<Tensor> {
+        let b = text_embeds.dim(0)?;
+        let ids: Vec<f32> = time_ids.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        if ids.len() != b * TIME_IDS {
+            return Err(missing_input(&format!(
+                "{} size ids for {b} rows; expected {TIME_IDS} per row",
+                ids.len()
+            )));
+        }
+        let data: Vec<f32> = ids
+            .iter()
+            .flat_map(|&v| {
+                sinusoidal_row(v, self.time_embed_dim, cfg.flip_sin_to_cos, cfg.freq_shift)
+            })
+            .collect();
+        let time_embeds = Tensor::from_vec(
+            data,
+            (b, TIME_IDS * self.time_embed_dim),
+            text_embeds.device(),
+        )?;
+        let add =
+            Tensor::cat(&[&text_embeds.to_dtype(DType::F32)?, &time_embeds], 1)?.to_dtype(dtype)?;
+        self.linear_2.forward(&self.linear_1.forward(&add)?.silu()?)
+    }
+}
+
 /// diffusers' `UNet2DConditionModel` for SD 1.x/2.x and SDXL, with LCM's guidance input.
 #[derive(Debug)]
 pub struct UNet {
@@ -238,8 +283,8 @@ pub struct UNet {
     time_linear_2: Linear,
     /// `time_embedding.cond_proj` (LCM): guidance embedding -> timestep embedding width.
     time_cond_proj: Option<Linear>,
-    /// `add_embedding.linear_1/2` (SDXL): pooled text + size ids -> time embedding.
-    add_embedding: Option<(Linear, Linear)>,
+    /// SDXL: pooled text + size ids -> time embedding.
+    add_embedding: Option<AddEmbedding>,
     down: Vec<DownBlock>,
     mid: Option<MidBlock>,
     up: Vec<UpBlock>,
@@ -386,11 +431,17 @@ impl UNet {
             add_embedding: cfg
                 .text_time
                 .as_ref()
-                .map(|tt| -> Result<(Linear, Linear)> {
-                    Ok((
-                        linear(&w.pp("add_embedding.linear_1"), tt.input_dim, temb, true)?,
-                        linear(&w.pp("add_embedding.linear_2"), temb, temb, true)?,
-                    ))
+                .map(|tt| -> Result<AddEmbedding> {
+                    Ok(AddEmbedding {
+                        time_embed_dim: tt.time_embed_dim,
+                        linear_1: linear(
+                            &w.pp("add_embedding.linear_1"),
+                            tt.input_dim,
+                            temb,
+                            true,
+                        )?,
+                        linear_2: linear(&w.pp("add_embedding.linear_2"), temb, temb, true)?,
+                    })
                 })
                 .transpose()?,
             down,
@@ -485,31 +536,19 @@ impl UNet {
         let mut emb = self
             .time_linear_2
             .forward(&self.time_linear_1.forward(&t_emb)?.silu()?)?;
-        match (&self.add_embedding, &cfg.text_time, added.text_time) {
-            (Some((l1, l2)), Some(tt), Some((text_embeds, time_ids))) => {
-                let ids: Vec<f32> = time_ids.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-                let per_row = ids.len() / b.max(1);
-                let data: Vec<f32> = ids
-                    .iter()
-                    .flat_map(|&v| {
-                        sinusoidal_row(v, tt.time_embed_dim, cfg.flip_sin_to_cos, cfg.freq_shift)
-                    })
-                    .collect();
-                let time_embeds =
-                    Tensor::from_vec(data, (b, per_row * tt.time_embed_dim), sample.device())?;
-                let add = Tensor::cat(&[&text_embeds.to_dtype(DType::F32)?, &time_embeds], 1)?
-                    .to_dtype(dtype)?;
-                let aug = l2.forward(&l1.forward(&add)?.silu()?)?;
+        match (&self.add_embedding, added.text_time) {
+            (Some(add), Some((text_embeds, time_ids))) => {
+                let aug = add.forward(text_embeds, time_ids, cfg, dtype)?;
                 emb = (emb + aug)?;
             }
-            (None, None, None) => {}
-            (Some(_), _, None) => {
+            (None, None) => {}
+            (Some(_), None) => {
                 return Err(missing_input(
                     "addition_embed_type is \"text_time\": the UNet needs pooled text embeddings \
                      and size ids",
                 ))
             }
-            _ => {
+            (None, Some(_)) => {
                 return Err(missing_input(
                     "pooled text embeddings were given to a UNet without text_time conditioning",
                 ))

@@ -218,7 +218,7 @@ impl SchedulerConfig {
                 path,
                 "_class_name",
                 format!(
-                    "`{name}` is not implemented; choose a scheduler with --scheduler ({})",
+                    "`{name}` is not implemented; choose another scheduler ({})",
                     SchedulerKind::cli_names()
                 ),
             ));
@@ -231,7 +231,7 @@ impl SchedulerConfig {
                         "algorithm_type",
                         format!(
                             "`{algorithm}` is not implemented (latent's DPM++ 2M is \
-                             dpmsolver++ of order 2); choose a scheduler with --scheduler"
+                             dpmsolver++ of order 2); choose another scheduler"
                         ),
                     ));
                 }
@@ -243,7 +243,7 @@ impl SchedulerConfig {
                         "solver_order",
                         format!(
                             "{order} is not implemented (latent's DPM++ 2M is of order 2); \
-                             choose a scheduler with --scheduler"
+                             choose another scheduler"
                         ),
                     ));
                 }
