@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::pipeline::{
-    Event, GenerateRequest, GeneratedImage, PromptEmbeddings, Sampling, StableDiffusion, Timings,
+    Event, GeneratedImage, PromptEmbeddings, Sampling, StableDiffusion, Timings,
 };
 use crate::schedulers::SchedulerKind;
 use crate::{Error, Result};
@@ -838,21 +838,11 @@ fn resolve_line(
     Ok(jobs)
 }
 
-/// Checks a job against the model before any work: size, prompt, steps, guidance (the
-/// pipeline's `check_inputs`) and that the scheduler can be built (steps within the model's
-/// training timesteps, Karras only where supported).
+/// Checks a job against the model before any work: its prompt and its sampling settings
+/// (the pipeline's one check of them, [`StableDiffusion::check_sampling`]).
 pub fn validate_job(model: &StableDiffusion, job: &Job) -> Result<()> {
-    let s = &job.sampling;
-    model.check_inputs(&GenerateRequest {
-        prompt: job.prompt.clone(),
-        negative_prompt: job.negative_prompt.clone(),
-        sampling: s.clone(),
-        seeds: vec![job.seed],
-        batch_size: 1,
-        latents: None,
-    })?;
-    model.scheduler(s.scheduler, s.steps, s.karras)?;
-    Ok(())
+    crate::pipeline::check_prompt(&job.prompt)?;
+    model.check_sampling(&job.sampling, 1)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-//! Command-line definitions (clap) and their conversion into library settings. Validation
-//! lives here; work does not.
+//! Command-line definitions (clap), their conversion into library settings, and the mapping
+//! back from the library's setting names to flags for error messages. Range checks that clap
+//! can do live here; checks that need the model live in the library, once.
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
@@ -7,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use latent::device::{DeviceSpec, Precision};
 use latent::noise::RngKind;
 use latent::schedulers::SchedulerKind;
+use latent::{Error, Setting};
 
 /// Text-to-image generation with latent diffusion (Stable Diffusion 1.x/2.x, SDXL, Turbo, LCM), in Rust.
 #[derive(Debug, Parser)]
@@ -315,4 +317,52 @@ pub struct BenchArgs {
     /// do (default: one at a time, as `latent generate` does).
     #[arg(long)]
     pub resident: bool,
+}
+
+/// The flag that sets `setting` on the command line.
+pub fn flag(setting: Setting) -> &'static str {
+    match setting {
+        Setting::Prompt => "the prompt",
+        Setting::NegativePrompt => "--negative-prompt",
+        Setting::Width => "-W/--width",
+        Setting::Height => "-H/--height",
+        Setting::Steps => "--steps",
+        Setting::Guidance => "--guidance",
+        Setting::Scheduler => "--scheduler",
+        Setting::Karras => "--karras",
+        Setting::Seed => "--seed",
+        Setting::NumImages => "-n/--num-images",
+        Setting::BatchSize => "--batch-size",
+        Setting::Repeat => "-n/--repeat",
+        Setting::MaxImages => "--max-images",
+        Setting::Latents => "--latents",
+        Setting::PreviewEvery => "--preview-every",
+        Setting::SizeConditioning => "--original-size/--crop-top-left/--target-size",
+        Setting::Frames => "--frames",
+        Setting::Fps => "--fps",
+        Setting::Format => "--format",
+        Setting::FileName => "--filename",
+        Setting::Shard => "--shard",
+        Setting::Output => "-o/--output",
+        Setting::Vae => "--vae",
+        Setting::Device => "--device",
+        _ => "an option",
+    }
+}
+
+/// A library error as the command line says it: settings by their flags, with a hint where
+/// a flag fixes the problem.
+pub fn describe(e: &Error) -> String {
+    match e {
+        Error::Setting {
+            setting,
+            value,
+            reason,
+        } => format!("{} {value}: {reason}", flag(*setting)),
+        Error::Io { source, .. } if source.kind() == std::io::ErrorKind::AlreadyExists => {
+            format!("{e}; pass --overwrite to replace it")
+        }
+        Error::InUse { .. } => format!("{e}; pass --wait to wait for it"),
+        other => other.to_string(),
+    }
 }

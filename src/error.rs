@@ -48,6 +48,36 @@ pub enum Error {
     /// A user-supplied setting is invalid (size, steps, scheduler name, ...).
     #[error("{0}")]
     InvalidInput(String),
+    /// One setting of a run has a value that cannot be used. `setting` is the library's name
+    /// for it (`width`, `batch_size`, ...; see [`Setting`]): the command line maps it to its
+    /// flag, a server to its JSON field.
+    #[error("{setting} {value}: {reason}")]
+    Setting {
+        setting: Setting,
+        value: String,
+        reason: String,
+    },
+    /// A run needs more memory than the machine has available.
+    #[error(
+        "{what} needs about {needed} of memory, and {available} is available; {advice}",
+        needed = gib(*needed),
+        available = gib(*available)
+    )]
+    Memory {
+        what: String,
+        needed: u64,
+        available: u64,
+        advice: String,
+    },
+    /// Denoising or decoding produced NaN or infinite values.
+    #[error("{0} produced NaN or infinite values; the image would be black")]
+    NonFinite(String),
+    /// Another run holds the lock of an output folder.
+    #[error("{path} is in use by another latent run{}", pid.map(|p| format!(" (pid {p})")).unwrap_or_default())]
+    InUse { path: PathBuf, pid: Option<u32> },
+    /// The disk is full: the run stops at the first such write.
+    #[error("{path}: no space left on device")]
+    DiskFull { path: PathBuf },
     /// An image could not be encoded, decoded or written.
     #[error("{path}: {message}")]
     Image { path: PathBuf, message: String },
@@ -59,15 +89,127 @@ pub enum Error {
     Candle(#[from] candle_core::Error),
 }
 
+/// The settings of a run, by the library's names for them. Errors name the setting; the
+/// command line and a server map it to their own spelling (`-W/--width`, `"width"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Setting {
+    Prompt,
+    NegativePrompt,
+    Width,
+    Height,
+    Steps,
+    Guidance,
+    Scheduler,
+    Karras,
+    Seed,
+    NumImages,
+    BatchSize,
+    Repeat,
+    MaxImages,
+    Latents,
+    PreviewEvery,
+    SizeConditioning,
+    Frames,
+    Fps,
+    Format,
+    FileName,
+    Shard,
+    Output,
+    Vae,
+    Device,
+}
+
+impl Setting {
+    /// The library's name of the setting, as in prompt files and JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            Setting::Prompt => "prompt",
+            Setting::NegativePrompt => "negative_prompt",
+            Setting::Width => "width",
+            Setting::Height => "height",
+            Setting::Steps => "steps",
+            Setting::Guidance => "guidance",
+            Setting::Scheduler => "scheduler",
+            Setting::Karras => "karras",
+            Setting::Seed => "seed",
+            Setting::NumImages => "num_images",
+            Setting::BatchSize => "batch_size",
+            Setting::Repeat => "repeat",
+            Setting::MaxImages => "max_images",
+            Setting::Latents => "latents",
+            Setting::PreviewEvery => "preview_every",
+            Setting::SizeConditioning => "size_conditioning",
+            Setting::Frames => "frames",
+            Setting::Fps => "fps",
+            Setting::Format => "format",
+            Setting::FileName => "filename",
+            Setting::Shard => "shard",
+            Setting::Output => "output",
+            Setting::Vae => "vae",
+            Setting::Device => "device",
+        }
+    }
+}
+
+impl std::fmt::Display for Setting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Bytes as GiB with one decimal (`12.3 GiB`), or MiB below one GiB.
+fn gib(bytes: u64) -> String {
+    let b = bytes as f64;
+    if b >= (1u64 << 30) as f64 {
+        format!("{:.1} GiB", b / (1u64 << 30) as f64)
+    } else {
+        format!("{:.0} MiB", (b / (1u64 << 20) as f64).ceil())
+    }
+}
+
 /// Result alias for the library.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// True for "no space left on device" and "disk quota exceeded".
+pub fn is_disk_full(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+    )
+}
+
 impl Error {
-    /// Wraps an io error with the path it concerns.
+    /// Wraps an io error with the path it concerns; a full disk becomes [`Error::DiskFull`].
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        if is_disk_full(&source) {
+            return Error::DiskFull { path: path.into() };
+        }
         Error::Io {
             path: path.into(),
             source,
+        }
+    }
+
+    /// `setting` cannot take `value`, for `reason`.
+    pub fn setting(
+        setting: Setting,
+        value: impl std::fmt::Display,
+        reason: impl Into<String>,
+    ) -> Self {
+        Error::Setting {
+            setting,
+            value: value.to_string(),
+            reason: reason.into(),
+        }
+    }
+
+    /// True when the error is a full disk (or quota): going on would fail the same way.
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            Error::DiskFull { .. } => true,
+            Error::Io { source, .. } => is_disk_full(source),
+            _ => false,
         }
     }
 

@@ -1,10 +1,12 @@
 //! `latent`: text-to-image generation with latent diffusion models (Stable Diffusion 1.x/2.x,
 //! SDXL, their Turbo and LCM variants) on candle.
 pub mod batch;
+pub mod cancel;
 pub mod conditioning;
 pub mod demo;
 pub mod device;
 pub mod error;
+pub mod files;
 pub mod kernels;
 pub mod model;
 pub mod noise;
@@ -15,4 +17,5 @@ pub mod schedulers;
 pub mod text;
 pub mod walk;
 
-pub use error::{Error, Result};
+pub use cancel::Cancel;
+pub use error::{Error, Result, Setting};

@@ -22,7 +22,10 @@ fn main() -> std::process::ExitCode {
             // only when it adds something.
             let mut line = String::new();
             for cause in e.chain() {
-                let text = cause.to_string();
+                let text = match cause.downcast_ref::<latent::Error>() {
+                    Some(err) => cli::describe(err),
+                    None => cause.to_string(),
+                };
                 if !line.contains(&text) {
                     if !line.is_empty() {
                         line.push_str(": ");

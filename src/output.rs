@@ -1,11 +1,10 @@
 //! Output files: AUTOMATIC1111-style "parameters" text, PNG writing with that text embedded, safe
 //! (atomic, no-clobber) file replacement, and the choice of output file names.
-use std::ffi::{OsStr, OsString};
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, BufReader, BufWriter};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::files::{write_atomic, Replace};
 use crate::{Error, Result};
 
 /// PNG text keyword under which AUTOMATIC1111 (and tools that read its files) keep the settings.
@@ -285,29 +284,19 @@ pub fn write_png(
             rgb.len()
         )));
     }
-    // Fail before encoding when we can already tell; the hard link below is the real guard.
-    if !overwrite && fs::symlink_metadata(path).is_ok() {
-        return Err(exists_error(path));
-    }
-    let Some(name) = path.file_name() else {
-        return Err(Error::InvalidInput(format!(
-            "{}: output path has no file name",
-            path.display()
-        )));
+    let replace = if overwrite {
+        Replace::Overwrite
+    } else {
+        Replace::NoClobber
     };
-    let dir = path.parent().unwrap_or(Path::new(""));
-    if !dir.as_os_str().is_empty() {
-        fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    }
-
-    let (temp, file) = TempFile::create(dir, name)?;
-    encode_png(file, path, rgb, width, height, parameters)?;
-    publish(temp, path, overwrite)
+    write_atomic(path, replace, |file, _| {
+        encode_png(file, path, rgb, width, height, parameters)
+    })
 }
 
 /// Encodes the PNG into `file` and syncs it to disk; errors name `path`, the final target.
 fn encode_png(
-    file: File,
+    file: &mut File,
     path: &Path,
     rgb: &[u8],
     width: u32,
@@ -336,80 +325,7 @@ fn encode_png(
     let mut writer = encoder.write_header().map_err(encode_error)?;
     writer.write_image_data(rgb).map_err(encode_error)?;
     writer.finish().map_err(encode_error)?;
-    let file = out
-        .into_inner()
-        .map_err(|e| Error::io(path, e.into_error()))?;
-    file.sync_all().map_err(|e| Error::io(path, e))
-}
-
-/// Moves the finished temporary file to `path`: replacing it (`rename`) or only when the name is
-/// free (`hard_link`, which fails on an existing name without touching it).
-fn publish(temp: TempFile, path: &Path, overwrite: bool) -> Result<()> {
-    if overwrite {
-        fs::rename(&temp.path, path).map_err(|e| Error::io(path, e))?;
-    } else {
-        fs::hard_link(&temp.path, path).map_err(|e| match e.kind() {
-            io::ErrorKind::AlreadyExists => exists_error(path),
-            _ => Error::io(path, e),
-        })?;
-        fs::remove_file(&temp.path).map_err(|e| Error::io(&temp.path, e))?;
-    }
-    temp.keep();
-    Ok(())
-}
-
-/// The error for an output file that exists while overwriting is off.
-fn exists_error(path: &Path) -> Error {
-    Error::io(
-        path,
-        io::Error::new(
-            io::ErrorKind::AlreadyExists,
-            "file exists; pass --overwrite to replace it",
-        ),
-    )
-}
-
-/// A temporary file that is deleted when dropped, unless [`TempFile::keep`] was called.
-struct TempFile {
-    path: PathBuf,
-}
-
-impl TempFile {
-    /// Creates `.{name}.tmp-{pid}-{n}` in `dir`; `n` counts up so threads never share a name.
-    fn create(dir: &Path, name: &OsStr) -> Result<(TempFile, File)> {
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        loop {
-            let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-            let path = dir.join(temp_name(name, std::process::id(), n));
-            match OpenOptions::new().write(true).create_new(true).open(&path) {
-                Ok(file) => return Ok((TempFile { path }, file)),
-                // Left over from a crashed process that had our pid: take the next number.
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
-                Err(e) => return Err(Error::io(path, e)),
-            }
-        }
-    }
-
-    /// The file has been moved into place; do not delete it.
-    fn keep(self) {
-        std::mem::forget(self);
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        // Best effort: this runs on error paths, where the original error is the one to report.
-        let _ = fs::remove_file(&self.path);
-    }
-}
-
-/// `.{name}.tmp-{pid}-{n}`: hidden, next to its target, and without the 5-digit prefix that
-/// [`plan_output_paths`] counts.
-fn temp_name(name: &OsStr, pid: u32, n: u64) -> OsString {
-    let mut temp = OsString::from(".");
-    temp.push(name);
-    temp.push(format!(".tmp-{pid}-{n}"));
-    temp
+    io::Write::flush(&mut out).map_err(|e| Error::io(path, e))
 }
 
 /// Reads the `parameters` text back from a PNG's tEXt, zTXt or iTXt chunks.
@@ -482,7 +398,10 @@ pub fn plan_output_paths(
     let paths = file_paths(file, seeds.len());
     if !overwrite {
         if let Some(existing) = paths.iter().find(|p| fs::symlink_metadata(p).is_ok()) {
-            return Err(exists_error(existing));
+            return Err(Error::io(
+                existing,
+                io::Error::new(io::ErrorKind::AlreadyExists, "file exists"),
+            ));
         }
     }
     Ok(paths)
@@ -571,7 +490,6 @@ fn next_index<'a>(names: impl Iterator<Item = &'a str>) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Write;
 
     fn params() -> GenerationParams {
         GenerationParams {
@@ -746,10 +664,8 @@ mod tests {
     }
 
     #[test]
-    fn temp_names_are_hidden_and_unnumbered() {
-        let name = temp_name(OsStr::new("00007-42.png"), 1234, 5);
-        assert_eq!(name, ".00007-42.png.tmp-1234-5");
-        assert_eq!(next_index([name.to_str().unwrap()].into_iter()), 0);
+    fn temp_names_are_not_counted() {
+        assert_eq!(next_index([".00007-42.png.tmp-1234-5"].into_iter()), 0);
     }
 
     #[test]
@@ -807,22 +723,5 @@ mod tests {
             err.to_string().contains("only .png output is supported"),
             "{err}"
         );
-    }
-
-    #[test]
-    fn publishing_without_overwrite_never_replaces_a_file_made_meanwhile() {
-        // The race `write_png`'s early check cannot see: the target appears after encoding.
-        let dir = tempfile::tempdir().unwrap();
-        let target = dir.path().join("00000-1.png");
-        let (temp, mut file) = TempFile::create(dir.path(), OsStr::new("00000-1.png")).unwrap();
-        file.write_all(b"new").unwrap();
-        drop(file);
-        let temp_path = temp.path.clone();
-        fs::write(&target, b"made by someone else").unwrap();
-
-        let err = publish(temp, &target, false).unwrap_err();
-        assert!(err.to_string().contains("--overwrite"), "{err}");
-        assert_eq!(fs::read(&target).unwrap(), b"made by someone else");
-        assert!(!temp_path.exists(), "temporary file left behind");
     }
 }

@@ -15,7 +15,7 @@ use crate::noise::{NoiseSource, RngKind};
 use crate::preview::{latents_to_rgb, PreviewImage, PreviewMap};
 use crate::schedulers::{self, DenoisedEstimate, Scheduler, SchedulerConfig, SchedulerKind};
 use crate::text::{ClipOutput, ClipTextConfig, ClipTextModel, ClipTokenizer};
-use crate::{Error, Result};
+use crate::{Error, Result, Setting};
 
 pub use crate::conditioning::{PromptEmbeddings, SizeConditioning, TextConditioning, TimeIds};
 pub use crate::model::family::Family;
@@ -966,52 +966,21 @@ impl StableDiffusion {
             .collect()
     }
 
-    /// Stage 0: rejects settings the model cannot run, before any work.
+    /// Stage 0: rejects a request the model cannot run, before any work: the prompt, the image
+    /// count and batch size, the starting latents, and the sampling settings
+    /// ([`Self::check_sampling`]).
     pub fn check_inputs(&self, req: &GenerateRequest) -> Result<()> {
-        let f = self.vae_scale_factor();
-        let s = &req.sampling;
-        for (flag, v) in [("--width", s.width), ("--height", s.height)] {
-            if v == 0 || v % f != 0 {
-                return Err(Error::InvalidInput(format!(
-                    "{flag} {v}: must be a positive multiple of {f}"
-                )));
-            }
-        }
-        if req.prompt.trim().is_empty() {
-            return Err(Error::InvalidInput("the prompt is empty".into()));
-        }
-        if !s.size_conditioning.is_default() && self.unet_config.text_time.is_none() {
-            return Err(Error::InvalidInput(format!(
-                "size conditioning (original size, crop, target size) needs an SDXL model; {} \
-                 is a {} model",
-                self.name,
-                self.family.name()
-            )));
-        }
-        if s.preview_every == Some(0) {
-            return Err(Error::InvalidInput(
-                "previews every 0 steps: give at least 1".into(),
-            ));
-        }
-        if s.steps == 0 {
-            return Err(Error::InvalidInput("--steps must be at least 1".into()));
-        }
+        check_prompt(&req.prompt)?;
         if req.seeds.is_empty() {
-            return Err(Error::InvalidInput(
-                "--num-images must be at least 1".into(),
-            ));
+            return Err(Error::setting(Setting::NumImages, 0, "must be at least 1"));
         }
         if req.batch_size == 0 {
-            return Err(Error::InvalidInput(
-                "--batch-size must be at least 1".into(),
-            ));
+            return Err(Error::setting(Setting::BatchSize, 0, "must be at least 1"));
         }
-        if !s.guidance.is_finite() {
-            return Err(Error::InvalidInput(
-                "--guidance must be a finite number".into(),
-            ));
-        }
+        let s = &req.sampling;
+        self.check_sampling(s, req.batch_size.min(req.seeds.len()))?;
         if let Some(l) = &req.latents {
+            let f = self.vae_scale_factor();
             let want = [
                 req.seeds.len(),
                 self.latent_channels(),
@@ -1019,17 +988,82 @@ impl StableDiffusion {
                 s.width / f,
             ];
             if l.dims() != want {
-                return Err(Error::InvalidInput(format!(
-                    "--latents has shape {:?}, expected {want:?} for {} image(s) of {}x{}",
-                    l.dims(),
-                    req.seeds.len(),
-                    s.width,
-                    s.height
-                )));
+                return Err(Error::setting(
+                    Setting::Latents,
+                    format!("{:?}", l.dims()),
+                    format!(
+                        "expected shape {want:?} for {} image(s) of {}x{}",
+                        req.seeds.len(),
+                        s.width,
+                        s.height
+                    ),
+                ));
             }
         }
         Ok(())
     }
+
+    /// Rejects sampling settings the model cannot run for batches of up to `batch` images:
+    /// the size (a positive multiple of the VAE's factor), steps, guidance, previews, size
+    /// conditioning only for SDXL, and a scheduler that can be built with these steps. Every
+    /// run (generate, batch lines, walks) checks its settings here, once, before work.
+    pub fn check_sampling(&self, s: &Sampling, batch: usize) -> Result<()> {
+        let f = self.vae_scale_factor();
+        for (setting, v) in [(Setting::Width, s.width), (Setting::Height, s.height)] {
+            if v == 0 || v % f != 0 {
+                return Err(Error::setting(
+                    setting,
+                    v,
+                    format!("must be a positive multiple of {f}"),
+                ));
+            }
+        }
+        if !s.size_conditioning.is_default() && self.unet_config.text_time.is_none() {
+            return Err(Error::setting(
+                Setting::SizeConditioning,
+                "(set)",
+                format!(
+                    "size conditioning needs an SDXL model; {} is a {} model",
+                    self.name,
+                    self.family.name()
+                ),
+            ));
+        }
+        if s.preview_every == Some(0) {
+            return Err(Error::setting(
+                Setting::PreviewEvery,
+                0,
+                "must be at least 1",
+            ));
+        }
+        if s.steps == 0 {
+            return Err(Error::setting(Setting::Steps, 0, "must be at least 1"));
+        }
+        if !s.guidance.is_finite() {
+            return Err(Error::setting(
+                Setting::Guidance,
+                s.guidance,
+                "must be a finite number",
+            ));
+        }
+        if batch == 0 {
+            return Err(Error::setting(Setting::BatchSize, 0, "must be at least 1"));
+        }
+        self.scheduler(s.scheduler, s.steps, s.karras)?;
+        Ok(())
+    }
+}
+
+/// A prompt must have something to draw.
+pub fn check_prompt(prompt: &str) -> Result<()> {
+    if prompt.trim().is_empty() {
+        return Err(Error::setting(
+            Setting::Prompt,
+            "\"\"",
+            "is empty: give a text to draw",
+        ));
+    }
+    Ok(())
 }
 
 /// The UNet's text inputs must be what the family's encoders produce: the cross-attention

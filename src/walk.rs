@@ -23,7 +23,6 @@ mod record;
 use std::fmt;
 use std::path::Path;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use candle_core::{DType, Device, Tensor};
 
@@ -609,30 +608,10 @@ fn check_keyframes(keyframes: &[Keyframe]) -> Result<()> {
     Ok(())
 }
 
-/// Writes a file through `write` at a hidden temporary path beside `path`, then renames it over
-/// `path`, so readers see the old file or the complete new one, never a partial one. The
-/// temporary file is removed on error.
+/// Writes a file through `write` (given a temporary path beside `path`), then replaces `path`
+/// with it (see [`crate::files::write_atomic`]).
 fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let name = path
-        .file_name()
-        .ok_or_else(|| Error::InvalidInput(format!("{}: path has no file name", path.display())))?;
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(name);
-    tmp_name.push(format!(".tmp-{}-{n}", std::process::id()));
-    let tmp = path.with_file_name(tmp_name);
-    let result = write(&tmp).and_then(|()| {
-        std::fs::File::open(&tmp)
-            .and_then(|f| f.sync_all())
-            .map_err(|e| Error::io(&tmp, e))?;
-        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
-    });
-    if result.is_err() {
-        // Best effort: the write's own error is the one to report.
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+    crate::files::write_atomic(path, crate::files::Replace::Overwrite, |_, tmp| write(tmp))
 }
 
 /// Steps of a `--preview` render: a quarter of `steps`, but at least 4 (or `steps` itself when

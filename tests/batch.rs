@@ -393,7 +393,7 @@ fn a_bad_line_does_not_stop_the_good_ones() {
     let err = stderr(&o);
     for want in [
         "p.txt:2: unclosed double quote (opened at column 10)",
-        "p.txt:3: --width 100: must be a positive multiple of 8",
+        "p.txt:3: width 100: must be a positive multiple of 8",
         "p.txt:4: --sampler_name: unknown sampler `Heun`",
         "2 items: 2 made, 0 skipped (already done), 0 failed, 0 left; 3 bad lines",
         "error: 3 lines were not usable (see above)",

@@ -10,6 +10,7 @@ use anyhow::{bail, Context, Result};
 use latent::model::ModelSource;
 use latent::output::GenerationParams;
 use latent::pipeline::{LoadOptions, Residency, Sampling, StableDiffusion};
+use latent::Cancel;
 
 pub use batch::batch;
 pub use bench::bench;
@@ -72,6 +73,39 @@ pub fn load_model(
     let model =
         StableDiffusion::load_opts(&files, &device, dtype, &options, &mut |e| progress.event(e))?;
     Ok(model)
+}
+
+/// Exit status of a run abandoned by a second Ctrl-C (128 + SIGINT, as shells report it).
+#[allow(dead_code)]
+const ABANDON_EXIT: i32 = 130;
+
+/// Ctrl-C for a run, through the library's one cancel flag: the first press asks the run to
+/// stop after the batch in flight; the second quits at once, but only between writes (it takes
+/// [`Cancel::writing`] first), so no output is left without its record. A handler that cannot
+/// be installed only warns.
+#[allow(dead_code)] // wired into batch and walk by their run loops
+pub fn stop_on_ctrl_c(cancel: &Cancel, progress: &Progress) {
+    let flag = cancel.clone();
+    let installed = ctrlc::set_handler(move || {
+        if flag.request() == 1 {
+            eprintln!(
+                "\ninterrupted: finishing the current batch, then stopping (Ctrl-C again to quit \
+                 now; run the same command again to resume)"
+            );
+        } else {
+            let _writing = flag.writing();
+            eprintln!(
+                "\ninterrupted again: quitting; every finished file is complete and recorded, \
+                 run the same command again to resume"
+            );
+            std::process::exit(ABANDON_EXIT);
+        }
+    });
+    if let Err(e) = installed {
+        progress.println(&format!(
+            "warning: cannot catch Ctrl-C ({e}); interrupting may lose the batch in flight"
+        ));
+    }
 }
 
 /// A random seed in A1111's range (32 bits), from the clock and the process id.
