@@ -4,26 +4,38 @@ use std::path::PathBuf;
 use anyhow::{bail, Result};
 use latent::output;
 
-/// `latent info FILE...`.
+/// `latent info FILE...`: every file is reported, one that cannot be read or holds no
+/// parameters with one line on stderr; the exit status is non-zero at the end if any failed.
 pub fn info(files: &[PathBuf]) -> Result<()> {
-    let mut missing = 0;
+    if let [only] = files {
+        return match output::read_png_parameters(only)? {
+            Some(text) => Ok(println!("{text}")),
+            None => bail!("{}: no generation parameters in this PNG", only.display()),
+        };
+    }
+    let mut failed = 0;
     for (i, f) in files.iter().enumerate() {
-        if files.len() > 1 {
+        let parameters = output::read_png_parameters(f);
+        if parameters.is_ok() {
             if i > 0 {
                 println!();
             }
             println!("{}:", f.display());
         }
-        match output::read_png_parameters(f)? {
-            Some(text) => println!("{text}"),
-            None => {
+        match parameters {
+            Ok(Some(text)) => println!("{text}"),
+            Ok(None) => {
                 eprintln!("{}: no generation parameters in this PNG", f.display());
-                missing += 1;
+                failed += 1;
+            }
+            Err(e) => {
+                eprintln!("error: {}", crate::cli::describe(&e));
+                failed += 1;
             }
         }
     }
-    if missing > 0 {
-        bail!("{missing} file(s) had no parameters");
+    if failed > 0 {
+        bail!("{failed} of {} files had no readable parameters", files.len());
     }
     Ok(())
 }
