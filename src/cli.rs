@@ -358,7 +358,7 @@ pub fn describe(e: &Error) -> String {
             setting,
             value,
             reason,
-        } => format!("{} {value}: {reason}", flag(*setting)),
+        } => latent::error::setting_message(flag(*setting), value, reason),
         Error::Io { source, .. } if source.kind() == std::io::ErrorKind::AlreadyExists => {
             format!("{e}; pass --overwrite to replace it")
         }

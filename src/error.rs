@@ -51,7 +51,7 @@ pub enum Error {
     /// One setting of a run has a value that cannot be used. `setting` is the library's name
     /// for it (`width`, `batch_size`, ...; see [`Setting`]): the command line maps it to its
     /// flag, a server to its JSON field.
-    #[error("{setting} {value}: {reason}")]
+    #[error("{}", setting_message(setting.name(), value, reason))]
     Setting {
         setting: Setting,
         value: String,
@@ -155,6 +155,16 @@ impl Setting {
 impl std::fmt::Display for Setting {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())
+    }
+}
+
+/// `width 65: reason`, or `karras: reason` for a setting whose value says nothing (an empty
+/// `value`). The command line uses the same form with the flag in place of the name.
+pub fn setting_message(name: &str, value: &str, reason: &str) -> String {
+    if value.is_empty() {
+        format!("{name}: {reason}")
+    } else {
+        format!("{name} {value}: {reason}")
     }
 }
 

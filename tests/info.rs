@@ -19,7 +19,13 @@ fn every_file_is_reported_and_a_missing_one_fails_at_the_end() {
     let out = String::from_utf8_lossy(&o.stdout);
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{err}");
-    assert!(out.contains("first prompt") && out.contains("second prompt"), "{out}");
+    assert!(
+        out.contains("first prompt") && out.contains("second prompt"),
+        "{out}"
+    );
     assert!(err.contains("missing.png"), "{err}");
-    assert!(err.contains("1 of 3 files had no readable parameters"), "{err}");
+    assert!(
+        err.contains("1 of 3 files had no readable parameters"),
+        "{err}"
+    );
 }

@@ -35,7 +35,10 @@ pub fn info(files: &[PathBuf]) -> Result<()> {
         }
     }
     if failed > 0 {
-        bail!("{failed} of {} files had no readable parameters", files.len());
+        bail!(
+            "{failed} of {} files had no readable parameters",
+            files.len()
+        );
     }
     Ok(())
 }

@@ -11,7 +11,7 @@ use std::str::FromStr;
 use candle_core::Tensor;
 
 use crate::noise::NoiseSource;
-use crate::{Error, Result};
+use crate::{Error, Result, Setting};
 
 mod config;
 mod ddim;
@@ -198,24 +198,29 @@ pub fn build(
     karras: bool,
 ) -> Result<Box<dyn Scheduler>> {
     if karras && !kind.supports_karras() {
-        return Err(Error::InvalidInput(format!(
-            "--karras is not supported by the {} scheduler (diffusers' {} has no Karras sigmas)",
-            kind.a1111_name(),
-            kind.diffusers_class()
-        )));
+        return Err(Error::setting(
+            Setting::Karras,
+            "",
+            format!(
+                "not supported by the {} scheduler (diffusers' {} has no Karras sigmas)",
+                kind.a1111_name(),
+                kind.diffusers_class()
+            ),
+        ));
     }
     let train = config.num_train_timesteps()?;
     if num_inference_steps == 0 {
-        return Err(Error::InvalidInput(
-            "the number of inference steps must be at least 1".into(),
-        ));
+        return Err(Error::setting(Setting::Steps, 0, "must be at least 1"));
     }
     if num_inference_steps > train {
-        return Err(Error::InvalidInput(format!(
-            "{num_inference_steps} inference steps is more than the model's {train} training \
-             timesteps (num_train_timesteps in {})",
-            config.path().display()
-        )));
+        return Err(Error::setting(
+            Setting::Steps,
+            num_inference_steps,
+            format!(
+                "more than the model's {train} training timesteps (num_train_timesteps in {})",
+                config.path().display()
+            ),
+        ));
     }
     Ok(match kind {
         SchedulerKind::Ddim => Box::new(ddim::Ddim::new(config, num_inference_steps)?),
@@ -333,7 +338,7 @@ mod tests {
             let err = build(kind, &config, 10, true).err().unwrap().to_string();
             assert!(
                 err.contains(&format!(
-                    "--karras is not supported by the {} scheduler",
+                    "karras: not supported by the {} scheduler",
                     kind.a1111_name()
                 )),
                 "{err}"
