@@ -65,10 +65,12 @@ pub struct SamplingArgs {
     /// What to leave out of the image.
     #[arg(long = "negative-prompt", visible_alias = "neg", default_value = "")]
     pub negative_prompt: String,
-    /// Image width in pixels (multiple of 8). Default: the model's native size.
+    /// Image width in pixels: a multiple of the model's VAE factor (8 for SD 1.x/2.x/SDXL, 4
+    /// for the bundled demo model). Default: the model's native size.
     #[arg(short = 'W', long)]
     pub width: Option<usize>,
-    /// Image height in pixels (multiple of 8). Default: the model's native size.
+    /// Image height in pixels: a multiple of the model's VAE factor (8 for SD 1.x/2.x/SDXL, 4
+    /// for the bundled demo model). Default: the model's native size.
     #[arg(short = 'H', long)]
     pub height: Option<usize>,
     /// Denoising steps.
@@ -81,7 +83,7 @@ pub struct SamplingArgs {
     /// scheduler_config.json (Turbo repos: euler-a or euler, trailing; LCM repos: lcm).
     #[arg(long)]
     pub scheduler: Option<SchedulerKind>,
-    /// Use Karras sigmas (euler, euler-a, dpm++2m).
+    /// Use Karras sigmas (euler and dpm++2m, as diffusers; not euler-a).
     #[arg(long)]
     pub karras: bool,
     /// Noise generator: torch reproduces torch.Generator("cpu").manual_seed(seed) + randn.
@@ -167,7 +169,8 @@ pub struct GenerateArgs {
     /// approximation (one colour per latent pixel).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub preview_every: Option<u64>,
-    /// Start from these latents (.safetensors or .npy, shape (n, 4, h/8, w/8)) instead of noise.
+    /// Start from these latents instead of noise: .safetensors or .npy of shape
+    /// (n, channels, h/f, w/f), f the VAE factor (SD: 4 channels, f = 8).
     #[arg(long)]
     pub latents: Option<PathBuf>,
     /// Output PNG file, or folder (default: outputs/).
