@@ -841,7 +841,7 @@ fn resolve_line(
 /// Checks a job against the model before any work: its prompt and its sampling settings
 /// (the pipeline's one check of them, [`StableDiffusion::check_sampling`]).
 pub fn validate_job(model: &StableDiffusion, job: &Job) -> Result<()> {
-    crate::pipeline::check_prompt(&job.prompt)?;
+    crate::pipeline::check_prompts(&job.prompt, &job.negative_prompt)?;
     model.check_sampling(&job.sampling, 1)
 }
 

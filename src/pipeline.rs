@@ -970,7 +970,7 @@ impl StableDiffusion {
     /// count and batch size, the starting latents, and the sampling settings
     /// ([`Self::check_sampling`]).
     pub fn check_inputs(&self, req: &GenerateRequest) -> Result<()> {
-        check_prompt(&req.prompt)?;
+        check_prompts(&req.prompt, &req.negative_prompt)?;
         if req.seeds.is_empty() {
             return Err(Error::setting(Setting::NumImages, 0, "must be at least 1"));
         }
@@ -1054,8 +1054,9 @@ impl StableDiffusion {
     }
 }
 
-/// A prompt must have something to draw.
-pub fn check_prompt(prompt: &str) -> Result<()> {
+/// A prompt must have something to draw, and both prompts only characters a PNG's text chunk
+/// can carry (see [`check_text`]).
+pub fn check_prompts(prompt: &str, negative_prompt: &str) -> Result<()> {
     if prompt.trim().is_empty() {
         return Err(Error::setting(
             Setting::Prompt,
@@ -1063,7 +1064,28 @@ pub fn check_prompt(prompt: &str) -> Result<()> {
             "is empty: give a text to draw",
         ));
     }
-    Ok(())
+    check_text(Setting::Prompt, prompt)?;
+    check_text(Setting::NegativePrompt, negative_prompt)
+}
+
+/// Refuses control characters other than tab and newline: a NUL is forbidden in a PNG text
+/// chunk, and the others are invisible in every tool that shows the parameters.
+pub fn check_text(setting: Setting, text: &str) -> Result<()> {
+    match text
+        .char_indices()
+        .find(|&(_, c)| c.is_control() && c != '\t' && c != '\n')
+    {
+        None => Ok(()),
+        Some((at, c)) => Err(Error::setting(
+            setting,
+            "",
+            format!(
+                "holds the control character U+{:04X} at byte {at}; prompts may hold tabs and \
+                 newlines but no other control characters",
+                u32::from(c)
+            ),
+        )),
+    }
 }
 
 /// The UNet's text inputs must be what the family's encoders produce: the cross-attention
@@ -1320,5 +1342,29 @@ pub fn load_latents(path: &Path) -> Result<Tensor> {
             "--latents {}: expected a 3- or 4-dimensional tensor, found rank {r}",
             path.display()
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prompts_refuse_control_characters_but_keep_tabs_and_newlines() {
+        check_prompts("a cat\tin a hat\non a mat", "").unwrap();
+        let nul = check_prompts("a c\0at", "").unwrap_err().to_string();
+        assert!(
+            nul.starts_with("prompt: ") && nul.contains("U+0000 at byte 3"),
+            "{nul}"
+        );
+        let neg = check_prompts("a cat", "blur\u{1b}[31m")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            neg.starts_with("negative_prompt: ") && neg.contains("U+001B"),
+            "{neg}"
+        );
+        let empty = check_prompts(" \n", "").unwrap_err().to_string();
+        assert!(empty.contains("is empty"), "{empty}");
     }
 }
