@@ -9,7 +9,10 @@ use latent::output;
 pub fn info(files: &[PathBuf]) -> Result<()> {
     if let [only] = files {
         return match output::read_png_parameters(only)? {
-            Some(text) => Ok(println!("{text}")),
+            Some(text) => {
+                println!("{text}");
+                Ok(())
+            }
             None => bail!("{}: no generation parameters in this PNG", only.display()),
         };
     }
