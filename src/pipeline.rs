@@ -1326,7 +1326,7 @@ fn not_loaded() -> Error {
 /// True when every value of `t` is finite: `x - x` is 0 for finite x and NaN otherwise, so
 /// one sum (on the tensor's own device, any dtype) answers without copying the tensor out.
 fn all_finite(t: &Tensor) -> Result<bool> {
-    let zeros = (t - t)?.to_dtype(DType::F32)?;
+    let zeros = t.sub(t)?.to_dtype(DType::F32)?;
     let sum: f32 = zeros.sum_all()?.to_scalar()?;
     Ok(sum == 0.0)
 }

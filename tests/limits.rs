@@ -37,7 +37,7 @@ fn fails_fast(args: &[&str], envs: &[(&str, &Path)], limit: Duration) -> String 
 /// A `.npy` file of f32 `values` with the header claiming `shape`, written by hand.
 fn write_npy(path: &Path, shape: &str, values: &[f32]) {
     let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape}, }}");
-    while (10 + header.len() + 1) % 64 != 0 {
+    while !(10 + header.len() + 1).is_multiple_of(64) {
         header.push(' ');
     }
     header.push('\n');
