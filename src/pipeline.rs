@@ -1030,9 +1030,11 @@ impl StableDiffusion {
     }
 
     /// Rejects sampling settings the model cannot run for batches of up to `batch` images:
-    /// the size (a positive multiple of the VAE's factor), steps, guidance, previews, size
-    /// conditioning only for SDXL, and a scheduler that can be built with these steps. Every
-    /// run (generate, batch lines, walks) checks its settings here, once, before work.
+    /// the size (a positive multiple of the VAE's factor, within [`MAX_SIDE`] and
+    /// [`MAX_PIXELS`]), steps, guidance, previews, size conditioning only for SDXL, a
+    /// scheduler that can be built with these steps, and, on the CPU, the memory the run needs
+    /// ([`Self::check_memory`]). Every run (generate, batch lines, walks) checks its settings
+    /// here, once, before work.
     pub fn check_sampling(&self, s: &Sampling, batch: usize) -> Result<()> {
         let f = self.vae_scale_factor();
         for (setting, v) in [(Setting::Width, s.width), (Setting::Height, s.height)] {

@@ -62,30 +62,27 @@ fn no_png_in(dir: &Path) {
 // Generous against a busy test machine; the refusals themselves take milliseconds.
 const FAST: Duration = Duration::from_secs(10);
 
+/// `latent generate x --model MODEL EXTRA -o DIR/x.png`, which must fail within `limit`.
+fn generate_fails(dir: &Path, model: &str, extra: &[&str], limit: Duration) -> String {
+    let out = dir.join("x.png").display().to_string();
+    let mut args = vec!["generate", "x", "--model", model];
+    args.extend(extra);
+    args.extend(["-o", &out]);
+    fails_fast(&args, &[], limit)
+}
+
 #[test]
 fn a_huge_image_is_refused_before_work() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("x.png").display().to_string();
     let model = sd1();
-    let e = fails_fast(
-        &[
-            "generate", "x", "--model", &model, "-W", "100000", "-H", "100000", "-o", &out,
-        ],
-        &[],
-        FAST,
-    );
+    let e = generate_fails(dir.path(), &model, &["-W", "100000", "-H", "100000"], FAST);
     assert!(
         e.contains("-W/--width 100000") && e.contains("16384"),
         "{e}"
     );
     // Within the side limit but past the pixel limit.
-    let e = fails_fast(
-        &[
-            "generate", "x", "--model", &model, "-W", "16384", "-H", "16384", "-o", &out,
-        ],
-        &[],
-        FAST,
-    );
+    let e = generate_fails(dir.path(), &model, &["-W", "16384", "-H", "16384"], FAST);
     assert!(e.contains("pixels"), "{e}");
     // The bundled demo model, extracted to a private cache.
     let cache = dir.path().join("cache");
@@ -98,31 +95,81 @@ fn a_huge_image_is_refused_before_work() {
     no_png_in(dir.path());
 }
 
+/// tiny-sd1, staged (nothing but the text encoder resident).
+fn tiny_model() -> latent::pipeline::StableDiffusion {
+    let files = latent::model::ModelSource::parse(&sd1(), None)
+        .unwrap()
+        .open()
+        .unwrap();
+    latent::pipeline::StableDiffusion::load_with(
+        &files,
+        &candle_core::Device::Cpu,
+        candle_core::DType::F32,
+        latent::pipeline::Residency::Staged,
+        &mut |_| {},
+    )
+    .unwrap()
+}
+
+fn sampling(side: usize) -> latent::pipeline::Sampling {
+    latent::pipeline::Sampling {
+        width: side,
+        height: side,
+        steps: 2,
+        guidance: 7.5,
+        scheduler: "euler".parse().unwrap(),
+        karras: false,
+        rng: latent::noise::RngKind::Torch,
+        size_conditioning: Default::default(),
+        preview_every: None,
+    }
+}
+
+#[test]
+fn the_memory_check_compares_with_the_given_budget() {
+    let model = tiny_model();
+    // The tiny model at its own size needs a few MiB: it passes trivially.
+    let e = model.memory_estimate(&sampling(64), 1);
+    assert!(e.total < 64 << 20, "{e:?}");
+    model.check_memory(&sampling(64), 1, Some(e.total)).unwrap();
+    model.check_memory(&sampling(64), 1, None).unwrap();
+    match model.check_memory(&sampling(64), 4, Some(e.total)) {
+        Err(Error::Memory {
+            needed,
+            available,
+            advice,
+            ..
+        }) => {
+            assert!(needed > available, "{needed} vs {available}");
+            assert!(
+                advice.contains("batch_size") && advice.contains("width"),
+                "{advice}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    let text = model
+        .check_memory(&sampling(4096), 1, Some(1 << 30))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        text.contains("an image of 4096x4096 needs about") && text.contains("1.0 GiB is available"),
+        "{text}"
+    );
+}
+
+// Needs the host's available memory, which only Linux reports here.
+#[cfg(target_os = "linux")]
 #[test]
 fn a_size_past_available_memory_is_refused_naming_both_numbers() {
     let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("x.png").display().to_string();
     let model = sd1();
     // 8192² fits the hard limits; its attention and decoder activations need more than any
     // test machine has (or its batch of 64 does).
-    let e = fails_fast(
-        &[
-            "generate",
-            "x",
-            "--model",
-            &model,
-            "-W",
-            "8192",
-            "-H",
-            "8192",
-            "-n",
-            "64",
-            "--batch-size",
-            "64",
-            "-o",
-            &out,
-        ],
-        &[],
+    let e = generate_fails(
+        dir.path(),
+        &model,
+        &["-W", "8192", "-H", "8192", "-n", "64", "--batch-size", "64"],
         FAST,
     );
     assert!(
@@ -135,31 +182,13 @@ fn a_size_past_available_memory_is_refused_naming_both_numbers() {
 #[test]
 fn a_huge_image_count_is_refused_at_once() {
     let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("x.png").display().to_string();
     let model = sd1();
-    let e = fails_fast(
-        &[
-            "generate",
-            "x",
-            "--model",
-            &model,
-            "-n",
-            "1000000000",
-            "-o",
-            &out,
-        ],
-        &[],
-        FAST,
-    );
+    let e = generate_fails(dir.path(), &model, &["-n", "1000000000"], FAST);
     assert!(
         e.contains("-n/--num-images 1000000000") && e.contains("100000"),
         "{e}"
     );
-    let e = fails_fast(
-        &["generate", "x", "--model", &model, "-n", "0", "-o", &out],
-        &[],
-        FAST,
-    );
+    let e = generate_fails(dir.path(), &model, &["-n", "0"], FAST);
     assert!(e.contains("-n/--num-images 0: must be at least 1"), "{e}");
 }
 
@@ -258,15 +287,8 @@ fn huge_config_numbers_are_refused_naming_file_and_field() {
         ),
     ] {
         let dir = tempfile::tempdir().unwrap();
-        let out = dir.path().join("x.png").display().to_string();
         let model = model_with(dir.path(), file, field, value);
-        let e = fails_fast(
-            &[
-                "generate", "x", "--model", &model, "--steps", "2", "-o", &out,
-            ],
-            &[],
-            FAST,
-        );
+        let e = generate_fails(dir.path(), &model, &["--steps", "2"], FAST);
         assert!(
             e.contains(file) && e.contains(&format!("field `{field}`")) && e.contains("limit"),
             "{file} {field}: {e}"
@@ -294,24 +316,11 @@ fn latents_with_nan_or_inf_are_refused() {
             ),
             other => panic!("{other}"),
         }
-        let out = dir.path().join(format!("{name}.png")).display().to_string();
         let p = path.display().to_string();
-        let e = fails_fast(
-            &[
-                "generate",
-                "x",
-                "--model",
-                &model,
-                "-W",
-                "64",
-                "-H",
-                "64",
-                "--latents",
-                &p,
-                "-o",
-                &out,
-            ],
-            &[],
+        let e = generate_fails(
+            dir.path(),
+            &model,
+            &["-W", "64", "-H", "64", "--latents", &p],
             FAST,
         );
         assert!(
@@ -325,22 +334,12 @@ fn latents_with_nan_or_inf_are_refused() {
 #[test]
 fn an_overflowing_guidance_stops_denoising_naming_the_step() {
     let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("x.png").display().to_string();
     let model = sd1();
-    let e = fails_fast(
-        &[
-            "generate",
-            "x",
-            "--model",
-            &model,
-            "--steps",
-            "3",
-            "--guidance",
-            "1e308",
-            "-o",
-            &out,
-        ],
-        &[],
+    // Three real steps of the tiny model: allow for a busy machine.
+    let e = generate_fails(
+        dir.path(),
+        &model,
+        &["--steps", "3", "--guidance", "1e308"],
         Duration::from_secs(60),
     );
     assert!(
@@ -348,37 +347,13 @@ fn an_overflowing_guidance_stops_denoising_naming_the_step() {
         "{e}"
     );
     no_png_in(dir.path());
-    let e = fails_fast(
-        &[
-            "generate",
-            "x",
-            "--model",
-            &model,
-            "--guidance",
-            "inf",
-            "-o",
-            &out,
-        ],
-        &[],
-        FAST,
-    );
+    let e = generate_fails(dir.path(), &model, &["--guidance", "inf"], FAST);
     assert!(e.contains("--guidance") && e.contains("finite"), "{e}");
 }
 
 #[test]
 fn a_megabyte_prompt_warns_with_an_excerpt() {
-    let files = latent::model::ModelSource::parse(&sd1(), None)
-        .unwrap()
-        .open()
-        .unwrap();
-    let model = latent::pipeline::StableDiffusion::load_with(
-        &files,
-        &candle_core::Device::Cpu,
-        candle_core::DType::F32,
-        latent::pipeline::Residency::Staged,
-        &mut |_| {},
-    )
-    .unwrap();
+    let model = tiny_model();
     let prompt = "word ".repeat(200_000);
     let mut warnings = Vec::new();
     model
