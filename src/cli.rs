@@ -349,6 +349,8 @@ pub fn flag(setting: Setting) -> &'static str {
         Setting::Output => "-o/--output",
         Setting::Vae => "--vae",
         Setting::Device => "--device",
+        Setting::Model => "--model",
+        Setting::Revision => "--revision",
         _ => "an option",
     }
 }

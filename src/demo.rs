@@ -81,7 +81,7 @@ pub fn cache_root() -> Result<PathBuf> {
         return Ok(PathBuf::from(home).join(".cache").join("latent"));
     }
     Err(Error::InvalidInput(format!(
-        "no cache folder for the bundled demo model: set {CACHE_ENV} (or HOME), or pass --model"
+        "no cache folder for the bundled demo model: set {CACHE_ENV} (or HOME), or choose another model"
     )))
 }
 

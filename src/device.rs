@@ -4,7 +4,7 @@ use std::str::FromStr;
 
 use candle_core::{DType, Device};
 
-use crate::{Error, Result};
+use crate::{Error, Result, Setting};
 
 /// Which device to run on.
 ///
@@ -70,21 +70,26 @@ impl DeviceSpec {
             }
             Self::Cuda(n) => {
                 if !candle_core::utils::cuda_is_available() {
-                    return Err(Error::InvalidInput(
-                        "--device cuda: this binary was built without CUDA support (rebuild with --features cuda)".into(),
+                    return Err(Error::setting(
+                        Setting::Device,
+                        format!("cuda:{n}"),
+                        "this binary was built without CUDA support (rebuild with --features cuda)",
                     ));
                 }
-                Device::new_cuda(n)
-                    .map_err(|e| Error::InvalidInput(format!("--device cuda:{n}: {e}")))
+                Device::new_cuda(n).map_err(|e| {
+                    Error::setting(Setting::Device, format!("cuda:{n}"), e.to_string())
+                })
             }
             Self::Metal => {
                 if !candle_core::utils::metal_is_available() {
-                    return Err(Error::InvalidInput(
-                        "--device metal: this binary was built without Metal support (rebuild with --features metal)".into(),
+                    return Err(Error::setting(
+                        Setting::Device,
+                        "metal",
+                        "this binary was built without Metal support (rebuild with --features metal)",
                     ));
                 }
                 Device::new_metal(0)
-                    .map_err(|e| Error::InvalidInput(format!("--device metal: {e}")))
+                    .map_err(|e| Error::setting(Setting::Device, "metal", e.to_string()))
             }
         }
     }

@@ -118,6 +118,8 @@ pub enum Setting {
     Output,
     Vae,
     Device,
+    Model,
+    Revision,
 }
 
 impl Setting {
@@ -148,6 +150,8 @@ impl Setting {
             Setting::Output => "output",
             Setting::Vae => "vae",
             Setting::Device => "device",
+            Setting::Model => "model",
+            Setting::Revision => "revision",
         }
     }
 }

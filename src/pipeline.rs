@@ -13,6 +13,7 @@ use crate::model::{
 };
 use crate::noise::{NoiseSource, RngKind};
 use crate::preview::{latents_to_rgb, PreviewImage, PreviewMap};
+use crate::resources::{self, RunShape, WeightBytes, MAX_IMAGES, MAX_PIXELS, MAX_SIDE};
 use crate::schedulers::{self, DenoisedEstimate, Scheduler, SchedulerConfig, SchedulerKind};
 use crate::text::{ClipOutput, ClipTextConfig, ClipTextModel, ClipTokenizer};
 use crate::{Error, Result, Setting};
@@ -164,7 +165,13 @@ pub struct StableDiffusion {
     dtype: DType,
     /// dtype of activations: `dtype`, except f32 for bf16 on the CPU (bf16 products only).
     act_dtype: DType,
+    /// Parameters of each component's weight file (from the headers), for the memory estimate.
+    parameters: WeightBytes,
 }
+
+/// Characters of dropped prompt text a truncation warning shows: enough to recognise the
+/// cut, never a whole pasted megabyte.
+const DROPPED_SHOWN: usize = 60;
 
 /// Files of a tokenizer folder (a tokenizer.json, or vocab.json + merges.txt, plus configs).
 const TOKENIZER_FILES: &[&str] = &[
@@ -331,6 +338,15 @@ impl StableDiffusion {
         } else {
             dtype
         };
+        // Counted from the headers now, so every request can be sized before work.
+        let mut parameters = WeightBytes {
+            unet: crate::model::weights::parameter_count(&unet_path)?,
+            vae: crate::model::weights::parameter_count(&vae.weights)?,
+            ..WeightBytes::default()
+        };
+        for t in &text {
+            parameters.text_encoders += crate::model::weights::parameter_count(&t.path)?;
+        }
         let model = Self {
             name: files.name().to_string(),
             family,
@@ -349,6 +365,7 @@ impl StableDiffusion {
             device: device.clone(),
             dtype,
             act_dtype,
+            parameters,
         };
         match residency {
             Residency::Resident => {
@@ -577,8 +594,9 @@ impl StableDiffusion {
             // Both SDXL tokenizers split the same text the same way: warn once.
             if let (0, Some(dropped)) = (i, &tokens.dropped) {
                 on_event(Event::Warning(format!(
-                    "the {what} is longer than {} tokens; this part was dropped: {dropped:?}",
-                    files.tokenizer.max_length()
+                    "the {what} is longer than {} tokens; this part was dropped: {}",
+                    files.tokenizer.max_length(),
+                    crate::text::excerpt(dropped, DROPPED_SHOWN)
                 )));
             }
             let n = tokens.ids.len();
@@ -613,10 +631,11 @@ impl StableDiffusion {
         let latents = match given {
             Some(t) => {
                 if t.dims() != shape {
-                    return Err(Error::InvalidInput(format!(
-                        "--latents: expected shape {shape:?} for this batch, found {:?}",
-                        t.dims()
-                    )));
+                    return Err(Error::setting(
+                        Setting::Latents,
+                        format!("{:?}", t.dims()),
+                        format!("expected shape {shape:?} for this batch"),
+                    ));
                 }
                 t.to_dtype(DType::F32)?.to_device(&self.device)?
             }
@@ -709,6 +728,16 @@ impl StableDiffusion {
                 _ => None,
             };
             latents = scheduler.step(&pred, i, &latents, noise)?;
+            // One reduction over the small latent tensor per step: a NaN or inf (an overflowed
+            // guidance scale, a broken checkpoint) stops the run here, naming the step,
+            // instead of decoding into a black image.
+            if !all_finite(&latents)? {
+                return Err(Error::NonFinite(format!(
+                    "denoising step {} of {}",
+                    i + 1,
+                    timesteps.len()
+                )));
+            }
             on_step(i + 1, timesteps.len(), denoised)?;
         }
         Ok(latents)
@@ -776,7 +805,7 @@ impl StableDiffusion {
     /// Stage 6: decodes final latents into images in [0, 1], (b, 3, H, W) f32.
     ///
     /// A decode in f16 that overflows to NaN/inf (a known SD VAE weakness) is redone in f32,
-    /// with a warning.
+    /// with a warning; NaN/inf from an f32 decode is an error.
     pub fn decode(&self, latents: &Tensor, on_event: &mut dyn FnMut(Event)) -> Result<Tensor> {
         let vae = self.vae(on_event)?;
         let images = vae
@@ -798,6 +827,9 @@ impl StableDiffusion {
         } else {
             images
         };
+        if !all_finite(&images)? {
+            return Err(Error::NonFinite("the VAE decode".into()));
+        }
         Ok(((images / 2.0)? + 0.5)?.clamp(0f32, 1f32)?)
     }
 
@@ -970,13 +1002,7 @@ impl StableDiffusion {
     /// count and batch size, the starting latents, and the sampling settings
     /// ([`Self::check_sampling`]).
     pub fn check_inputs(&self, req: &GenerateRequest) -> Result<()> {
-        check_prompts(&req.prompt, &req.negative_prompt)?;
-        if req.seeds.is_empty() {
-            return Err(Error::setting(Setting::NumImages, 0, "must be at least 1"));
-        }
-        if req.batch_size == 0 {
-            return Err(Error::setting(Setting::BatchSize, 0, "must be at least 1"));
-        }
+        check_request(&req.prompt, &req.negative_prompt, req.seeds.len(), req.batch_size)?;
         let s = &req.sampling;
         self.check_sampling(s, req.batch_size.min(req.seeds.len()))?;
         if let Some(l) = &req.latents {
@@ -1004,9 +1030,11 @@ impl StableDiffusion {
     }
 
     /// Rejects sampling settings the model cannot run for batches of up to `batch` images:
-    /// the size (a positive multiple of the VAE's factor), steps, guidance, previews, size
-    /// conditioning only for SDXL, and a scheduler that can be built with these steps. Every
-    /// run (generate, batch lines, walks) checks its settings here, once, before work.
+    /// the size (a positive multiple of the VAE's factor, within [`MAX_SIDE`] and
+    /// [`MAX_PIXELS`]), steps, guidance, previews, size conditioning only for SDXL, a
+    /// scheduler that can be built with these steps, and, on the CPU, the memory the run needs
+    /// ([`Self::check_memory`]). Every run (generate, batch lines, walks) checks its settings
+    /// here, once, before work.
     pub fn check_sampling(&self, s: &Sampling, batch: usize) -> Result<()> {
         let f = self.vae_scale_factor();
         for (setting, v) in [(Setting::Width, s.width), (Setting::Height, s.height)] {
@@ -1017,6 +1045,24 @@ impl StableDiffusion {
                     format!("must be a positive multiple of {f}"),
                 ));
             }
+            if v > MAX_SIDE {
+                return Err(Error::setting(
+                    setting,
+                    v,
+                    format!("is larger than the limit of {MAX_SIDE} pixels"),
+                ));
+            }
+        }
+        if s.width * s.height > MAX_PIXELS {
+            return Err(Error::setting(
+                Setting::Width,
+                format!("{}x{}", s.width, s.height),
+                format!(
+                    "has {} pixels, more than the limit of {MAX_PIXELS} (8192x8192); lower \
+                     the width or height",
+                    s.width * s.height
+                ),
+            ));
         }
         if !s.size_conditioning.is_default() && self.unet_config.text_time.is_none() {
             return Err(Error::setting(
@@ -1050,8 +1096,104 @@ impl StableDiffusion {
             return Err(Error::setting(Setting::BatchSize, 0, "must be at least 1"));
         }
         self.scheduler(s.scheduler, s.steps, s.karras)?;
+        // Only host memory is measured: on a GPU the limits above still hold, and the device
+        // reports its own out-of-memory error.
+        if self.device.is_cpu() {
+            self.check_memory(s, batch, resources::available_memory())?;
+        }
         Ok(())
     }
+
+    /// The memory a run of `s` in batches of `batch` needs, by [`resources::estimate`]:
+    /// weights of the components not in memory yet plus the largest working set.
+    pub fn memory_estimate(&self, s: &Sampling, batch: usize) -> resources::Estimate {
+        let shape = RunShape {
+            width: s.width,
+            height: s.height,
+            batch,
+            cfg: self.uses_cfg(s.guidance),
+            act_bytes: self.act_dtype.size_in_bytes() as u64,
+            vae_act_bytes: self.vae_act_dtype().size_in_bytes() as u64,
+            blocked_attention: self.device.is_cpu() && self.act_dtype == DType::F32,
+            threads: rayon::current_num_threads(),
+        };
+        let loaded = self.lock();
+        let bytes = |params: u64, dtype: DType, resident: bool| {
+            if resident {
+                0
+            } else {
+                params.saturating_mul(dtype.size_in_bytes() as u64)
+            }
+        };
+        let p = &self.parameters;
+        let to_load = WeightBytes {
+            text_encoders: bytes(p.text_encoders, self.dtype, loaded.text_encoder.is_some()),
+            unet: bytes(p.unet, self.dtype, loaded.unet.is_some()),
+            vae: bytes(p.vae, self.vae_dtype, loaded.vae.is_some()),
+        };
+        drop(loaded);
+        resources::estimate(
+            &self.unet_config,
+            &self.vae.config,
+            &shape,
+            &to_load,
+            self.residency == Residency::Staged,
+        )
+    }
+
+    /// Refuses `s` in batches of `batch` when its [`Self::memory_estimate`] exceeds
+    /// `available` bytes (`None`: unknown, nothing is refused).
+    pub fn check_memory(&self, s: &Sampling, batch: usize, available: Option<u64>) -> Result<()> {
+        let Some(available) = available else {
+            return Ok(());
+        };
+        let needed = self.memory_estimate(s, batch).total;
+        if needed <= available {
+            return Ok(());
+        }
+        let (what, advice) = if batch > 1 {
+            (
+                format!("{batch} images of {}x{} per batch", s.width, s.height),
+                "lower batch_size, width or height",
+            )
+        } else {
+            (
+                format!("an image of {}x{}", s.width, s.height),
+                "lower width or height",
+            )
+        };
+        Err(Error::Memory {
+            what,
+            needed,
+            available,
+            advice: advice.into(),
+        })
+    }
+}
+
+/// The cheap checks of a request, before any model is loaded: the prompt, the image count (1
+/// to [`MAX_IMAGES`]) and the batch size. [`StableDiffusion::check_inputs`] runs them too.
+pub fn check_request(
+    prompt: &str,
+    negative_prompt: &str,
+    num_images: usize,
+    batch_size: usize,
+) -> Result<()> {
+    check_prompts(prompt, negative_prompt)?;
+    if num_images == 0 {
+        return Err(Error::setting(Setting::NumImages, 0, "must be at least 1"));
+    }
+    if num_images > MAX_IMAGES {
+        return Err(Error::setting(
+            Setting::NumImages,
+            num_images,
+            format!("is more than the limit of {MAX_IMAGES} images per run"),
+        ));
+    }
+    if batch_size == 0 {
+        return Err(Error::setting(Setting::BatchSize, 0, "must be at least 1"));
+    }
+    Ok(())
 }
 
 /// A prompt must have something to draw, and both prompts only characters a PNG's text chunk
@@ -1210,9 +1352,12 @@ fn not_loaded() -> Error {
     Error::InvalidInput("internal error: a model component was not loaded".into())
 }
 
+/// True when every value of `t` is finite: `x - x` is 0 for finite x and NaN otherwise, so
+/// one sum (on the tensor's own device, any dtype) answers without copying the tensor out.
 fn all_finite(t: &Tensor) -> Result<bool> {
-    let v: Vec<f32> = t.flatten_all()?.to_vec1()?;
-    Ok(v.iter().all(|x| x.is_finite()))
+    let zeros = t.sub(t)?.to_dtype(DType::F32)?;
+    let sum: f32 = zeros.sum_all()?.to_scalar()?;
+    Ok(sum == 0.0)
 }
 
 /// (3, H, W) in [0, 1] -> HxWx3 bytes, rounding like diffusers' `numpy_to_pil`.
@@ -1293,56 +1438,92 @@ pub struct Generation {
 }
 
 /// Reads starting latents from a `.safetensors` (a tensor named `latents`, or the only one) or
-/// `.npy` file, as f32 with a batch dimension.
+/// `.npy` file, as f32 with a batch dimension. Headers are checked against the file's size
+/// before anything is allocated, and latents holding NaN or inf are refused.
 pub fn load_latents(path: &Path) -> Result<Tensor> {
     let ext = path
         .extension()
         .and_then(|e| e.to_str())
         .unwrap_or("")
         .to_ascii_lowercase();
+    let unreadable = |message: String| Error::Weights {
+        path: path.to_path_buf(),
+        message,
+    };
     let t = match ext.as_str() {
-        "npy" => Tensor::read_npy(path).map_err(|e| Error::Weights {
-            path: path.to_path_buf(),
-            message: format!("cannot read .npy latents: {e}"),
-        })?,
+        "npy" => {
+            crate::npy::check_file(path)?;
+            Tensor::read_npy(path)
+                .map_err(|e| unreadable(format!("cannot read .npy latents: {e}")))?
+        }
         "safetensors" => {
-            let map =
-                candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| Error::Weights {
-                    path: path.to_path_buf(),
-                    message: format!("cannot read safetensors latents: {e}"),
-                })?;
+            // safetensors checks each tensor's byte range against the mapped file's length
+            // before a tensor is copied out (tests/limits.rs holds a crafted file).
+            let map = candle_core::safetensors::load(path, &Device::Cpu)
+                .map_err(|e| unreadable(format!("cannot read safetensors latents: {e}")))?;
             match map.get("latents") {
                 Some(t) => t.clone(),
-                None if map.len() == 1 => {
-                    map.into_values().next().ok_or_else(|| Error::Weights {
-                        path: path.to_path_buf(),
-                        message: "no tensor".into(),
-                    })?
-                }
+                None if map.len() == 1 => map
+                    .into_values()
+                    .next()
+                    .ok_or_else(|| unreadable("no tensor".into()))?,
                 None => {
-                    return Err(Error::Weights {
-                        path: path.to_path_buf(),
-                        message: format!("{} tensors and none named `latents`", map.len()),
-                    })
+                    return Err(unreadable(format!(
+                        "{} tensors and none named `latents`",
+                        map.len()
+                    )))
                 }
             }
         }
         _ => {
-            return Err(Error::InvalidInput(format!(
-                "--latents {}: expected a .safetensors or .npy file",
-                path.display()
-            )))
+            return Err(Error::setting(
+                Setting::Latents,
+                path.display(),
+                "expected a .safetensors or .npy file",
+            ))
         }
     };
     let t = t.to_dtype(DType::F32)?;
-    match t.rank() {
-        3 => Ok(t.unsqueeze(0)?),
-        4 => Ok(t),
-        r => Err(Error::InvalidInput(format!(
-            "--latents {}: expected a 3- or 4-dimensional tensor, found rank {r}",
-            path.display()
-        ))),
+    let t = match t.rank() {
+        3 => t.unsqueeze(0)?,
+        4 => t,
+        r => {
+            return Err(Error::setting(
+                Setting::Latents,
+                path.display(),
+                format!("expected a 3- or 4-dimensional tensor, found rank {r}"),
+            ))
+        }
+    };
+    check_finite_latents(path, &t)?;
+    Ok(t)
+}
+
+/// Latents with NaN or inf would denoise into a black image: refuse them, saying how many
+/// values are bad and where the first one is.
+fn check_finite_latents(path: &Path, t: &Tensor) -> Result<()> {
+    let values: Vec<f32> = t.flatten_all()?.to_vec1()?;
+    let bad = values.iter().filter(|v| !v.is_finite()).count();
+    let Some(first) = values.iter().position(|v| !v.is_finite()) else {
+        return Ok(());
+    };
+    // The flat index as a (n, c, h, w) position.
+    let mut index = Vec::with_capacity(t.rank());
+    let mut rest = first;
+    for &d in t.dims().iter().rev() {
+        index.push(rest % d.max(1));
+        rest /= d.max(1);
     }
+    index.reverse();
+    Err(Error::setting(
+        Setting::Latents,
+        path.display(),
+        format!(
+            "holds {bad} NaN or infinite value{} (the first, {}, at {index:?})",
+            if bad == 1 { "" } else { "s" },
+            values[first]
+        ),
+    ))
 }
 
 #[cfg(test)]

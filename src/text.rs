@@ -429,6 +429,23 @@ impl ClipTextConfig {
             projection_dim: f.opt("projection_dim", 512)?,
             eos_token_id: f.opt("eos_token_id", 49407)?,
         };
+        // Sane ranges (CLIP ViT-bigG, SDXL's second encoder, has 1280 wide, 32 layers, 20
+        // heads, 5120 intermediate, 49408 tokens): these numbers size the weights allocated.
+        for (key, value, max) in [
+            ("vocab_size", config.vocab_size, 1_000_000),
+            ("hidden_size", config.hidden_size, 16384),
+            ("intermediate_size", config.intermediate_size, 65536),
+            ("num_hidden_layers", config.num_hidden_layers, 256),
+            ("num_attention_heads", config.num_attention_heads, 1024),
+            (
+                "max_position_embeddings",
+                config.max_position_embeddings,
+                16384,
+            ),
+            ("projection_dim", config.projection_dim, 16384),
+        ] {
+            f.check_at_most(key, value, max)?;
+        }
         if !config
             .hidden_size
             .is_multiple_of(config.num_attention_heads)
@@ -718,6 +735,18 @@ fn causal_mask(seq: usize, device: &candle_core::Device) -> Result<Tensor> {
     Ok(Tensor::from_vec(mask, (seq, seq), device)?)
 }
 
+/// `text` quoted, cut to its first `max_chars` characters with the count of the rest
+/// (`"a b c" … (1234 more characters)`), for warnings that quote user text.
+pub fn excerpt(text: &str, max_chars: usize) -> String {
+    match text.char_indices().nth(max_chars) {
+        None => format!("{text:?}"),
+        Some((cut, _)) => {
+            let rest = text[cut..].chars().count();
+            format!("{:?} … ({rest} more characters)", &text[..cut])
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -744,5 +773,14 @@ mod tests {
             let want = xi / (1.0 + (-1.702 * xi).exp());
             assert!((yi - want).abs() < 1e-6, "{xi}: {yi} vs {want}");
         }
+    }
+
+    #[test]
+    fn excerpt_caps_long_text() {
+        assert_eq!(excerpt("short", 60), "\"short\"");
+        let long = "é".repeat(1_000_000);
+        let e = excerpt(&long, 60);
+        assert!(e.ends_with("… (999940 more characters)"), "{e}");
+        assert!(e.chars().count() < 100, "{e}");
     }
 }

@@ -160,7 +160,8 @@ fn bad_sizes_steps_prompts_and_names_are_clear_errors() {
     assert!(with(&["--width", "65"]).contains("--width 65"));
     assert!(with(&["--height", "0"]).contains("--height"));
     assert!(with(&["--steps", "0"]).contains("--steps"));
-    assert!(fails(&["generate", "  ", "--model", &model, "-o", &out_s]).contains("prompt is empty"));
+    assert!(fails(&["generate", "  ", "--model", &model, "-o", &out_s])
+        .contains("is empty: give a text to draw"));
     assert!(fails(&["generate", "x", "--model", &model, "--scheduler", "heun"]).contains("heun"));
     assert!(with(&["--scheduler", "ddim", "--karras"]).contains("karras"));
     assert!(fails(&["generate", "x", "--model", &model, "--device", "tpu"]).contains("tpu"));

@@ -114,7 +114,11 @@ fn model_spec_errors_are_clear() {
     let err = ModelSource::parse(&dir.display().to_string(), Some("main"))
         .unwrap_err()
         .to_string();
-    assert!(err.contains("--revision"), "{err}");
+    // The library names the setting; the command line maps it to `--revision`.
+    assert!(
+        err.contains("revision main: only applies to hub models") && !err.contains("--"),
+        "{err}"
+    );
 }
 
 fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {

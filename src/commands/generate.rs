@@ -2,9 +2,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use latent::output;
-use latent::pipeline::{load_latents, Event, GenerateRequest, Residency};
+use latent::pipeline::{check_request, load_latents, Event, GenerateRequest, Residency};
 
 use super::{load_model, params_for, random_seed, sampling_for};
 use crate::cli::GenerateArgs;
@@ -14,12 +14,13 @@ use crate::progress::Progress;
 pub fn generate(args: GenerateArgs) -> Result<()> {
     let started = Instant::now();
     let mut progress = Progress::new(args.quiet);
-    if args.num_images == 0 {
-        bail!("--num-images must be at least 1");
-    }
-    if args.batch_size == 0 {
-        bail!("--batch-size must be at least 1");
-    }
+    // The cheap checks first: a huge count fails before its seeds and paths are planned.
+    check_request(
+        &args.prompt,
+        &args.sampling.negative_prompt,
+        args.num_images,
+        args.batch_size,
+    )?;
     let seed = args.seed.unwrap_or_else(random_seed);
     let seeds: Vec<u64> = (0..args.num_images as u64)
         .map(|i| {
@@ -38,9 +39,6 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
         Some(p) => Some(load_latents(p)?),
         None => None,
     };
-    if args.prompt.trim().is_empty() {
-        bail!("the prompt is empty: give a text to draw, e.g. latent generate \"a red circle\"");
-    }
 
     let model = load_model(&args.model, Residency::Staged, &mut progress)?;
     let mut sampling = sampling_for(&model, &args.sampling)?;

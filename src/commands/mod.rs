@@ -59,9 +59,10 @@ pub fn load_model(
     let dtype = args.dtype.resolve(&device)?;
     let files = source.open()?;
     let vae = match &args.vae {
+        // A bad spec names the setting itself; the files it opens get the flag as context.
         Some(spec) => Some(
-            ModelSource::parse_component(spec)
-                .and_then(|s| s.open())
+            ModelSource::parse_component(spec)?
+                .open()
                 .with_context(|| format!("--vae {spec}"))?,
         ),
         None => None,

@@ -105,6 +105,18 @@ impl ConfigFile {
         }
     }
 
+    /// Refuses an architecture number above `max`: numbers in a config size allocations, so a
+    /// corrupt or hostile file must fail here, naming the field, instead of in the allocator.
+    pub fn check_at_most(&self, key: &str, value: usize, max: usize) -> Result<()> {
+        if value > max {
+            return Err(self.error(
+                key,
+                format!("{value} is larger than the limit of {max} (a corrupt config?)"),
+            ));
+        }
+        Ok(())
+    }
+
     /// An error about `key`, for checks done by the caller.
     pub fn error(&self, key: &str, message: impl Into<String>) -> Error {
         Error::config(&self.path, key, message)
@@ -472,8 +484,12 @@ impl UNetConfig {
             cross.push(is_cross);
         }
         let heads = per_block(f, "attention_head_dim", 8, n)?;
+        // Checked before the per-layer lists are built from them.
+        f.check_at_most("block_out_channels", n, MAX_LEVELS)?;
+        let layers_per_block: usize = f.opt("layers_per_block", 2)?;
+        f.check_at_most("layers_per_block", layers_per_block, MAX_LAYERS)?;
         let (transformer_layers, up_transformer_layers) =
-            transformer_depths(f, n, f.opt("layers_per_block", 2)?)?;
+            transformer_depths(f, n, layers_per_block)?;
         let mid_block = match f.maybe::<Value>("mid_block_type")? {
             None => MidBlockKind::CrossAttn {
                 transformer_layers: transformer_layers[n - 1][0],
@@ -537,7 +553,7 @@ impl UNetConfig {
         if conv_out_kernel.is_multiple_of(2) {
             return Err(f.error("conv_out_kernel", "must be odd"));
         }
-        Ok(Self {
+        let config = Self {
             in_channels: f.opt("in_channels", 4)?,
             out_channels: f.opt("out_channels", 4)?,
             sample_size: f.req("sample_size")?,
@@ -558,7 +574,41 @@ impl UNetConfig {
             text_time,
             time_cond_proj_dim,
             mid_block,
-        })
+        };
+        config.check_ranges(f)?;
+        Ok(config)
+    }
+
+    /// Sane ranges of the numbers that size weights and activations (a few times the largest
+    /// released models'; SDXL has 1280 channels, 20 heads, 10 layers, 2048 context).
+    fn check_ranges(&self, f: &ConfigFile) -> Result<()> {
+        f.check_at_most("sample_size", self.sample_size, MAX_LATENT_SIDE)?;
+        f.check_at_most("in_channels", self.in_channels, MAX_IO_CHANNELS)?;
+        f.check_at_most("out_channels", self.out_channels, MAX_IO_CHANNELS)?;
+        f.check_at_most("block_out_channels", self.blocks.len(), MAX_LEVELS)?;
+        f.check_at_most("layers_per_block", self.layers_per_block, MAX_LAYERS)?;
+        f.check_at_most("cross_attention_dim", self.cross_attention_dim, MAX_WIDTH)?;
+        f.check_at_most("conv_in_kernel", self.conv_in_kernel, MAX_KERNEL)?;
+        f.check_at_most("conv_out_kernel", self.conv_out_kernel, MAX_KERNEL)?;
+        for b in &self.blocks {
+            f.check_at_most("block_out_channels", b.channels, MAX_WIDTH)?;
+            f.check_at_most("attention_head_dim", b.heads, MAX_HEADS)?;
+            for &n in b.transformer_layers.iter().chain(&b.up_transformer_layers) {
+                f.check_at_most("transformer_layers_per_block", n, MAX_LAYERS)?;
+            }
+        }
+        if let Some(d) = self.time_cond_proj_dim {
+            f.check_at_most("time_cond_proj_dim", d, MAX_WIDTH)?;
+        }
+        if let Some(tt) = &self.text_time {
+            f.check_at_most("addition_time_embed_dim", tt.time_embed_dim, MAX_WIDTH)?;
+            f.check_at_most(
+                "projection_class_embeddings_input_dim",
+                tt.input_dim,
+                MAX_WIDTH * 4,
+            )?;
+        }
+        Ok(())
     }
 
     /// Width of the time embedding (4x the first block's channels, as diffusers).
@@ -569,6 +619,22 @@ impl UNetConfig {
 
 /// Size conditioning ids of SDXL: original (h, w), crop (top, left), target (h, w).
 pub const TIME_IDS: usize = 6;
+
+/// Limits on architecture numbers read from configs (see [`ConfigFile::check_at_most`]).
+/// Largest latent side: [`crate::resources::MAX_SIDE`] over the VAE's factor 8.
+pub const MAX_LATENT_SIDE: usize = crate::resources::MAX_SIDE / 8;
+/// Channels of any layer, and widths of embeddings (SDXL's largest is 2816).
+pub const MAX_WIDTH: usize = 16384;
+/// Image or latent channels at a model's ends (RGB, 4 or 16 latents).
+pub const MAX_IO_CHANNELS: usize = 1024;
+/// Resolution levels of a UNet or VAE.
+pub const MAX_LEVELS: usize = 8;
+/// Layers of one kind in one block.
+pub const MAX_LAYERS: usize = 64;
+/// Attention heads.
+pub const MAX_HEADS: usize = 1024;
+/// Convolution kernel side.
+pub const MAX_KERNEL: usize = 15;
 
 /// SDXL's added conditioning (`addition_embed_type: "text_time"`): the pooled text embedding
 /// and sinusoidal embeddings of the six size ids, projected into the time embedding.
@@ -666,7 +732,7 @@ impl VaeConfig {
                 format!("{norm_num_groups} does not divide block channels {c}"),
             ));
         }
-        Ok(Self {
+        let config = Self {
             in_channels: f.opt("in_channels", 3)?,
             out_channels: f.opt("out_channels", 3)?,
             block_out_channels,
@@ -682,7 +748,21 @@ impl VaeConfig {
             use_post_quant_conv: f.opt("use_post_quant_conv", true)?,
             mid_block_add_attention: f.opt("mid_block_add_attention", true)?,
             force_upcast: f.opt("force_upcast", true)?,
-        })
+        };
+        f.check_at_most("block_out_channels", n, MAX_LEVELS)?;
+        for &c in &config.block_out_channels {
+            f.check_at_most("block_out_channels", c, MAX_WIDTH)?;
+        }
+        f.check_at_most("in_channels", config.in_channels, MAX_IO_CHANNELS)?;
+        f.check_at_most("out_channels", config.out_channels, MAX_IO_CHANNELS)?;
+        f.check_at_most("latent_channels", config.latent_channels, MAX_IO_CHANNELS)?;
+        f.check_at_most("layers_per_block", config.layers_per_block, MAX_LAYERS)?;
+        f.check_at_most(
+            "sample_size",
+            config.sample_size,
+            crate::resources::MAX_SIDE,
+        )?;
+        Ok(config)
     }
 
     /// Spatial downscaling between image and latents (2^(blocks-1), diffusers' vae_scale_factor).

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use hf_hub::{Cache, Repo, RepoType};
 
-use crate::{Error, Result};
+use crate::{Error, Result, Setting};
 
 /// A model location given by the user.
 #[derive(Debug, Clone)]
@@ -25,7 +25,7 @@ impl ModelSource {
         Self::parse_as(
             spec,
             revision,
-            "--model",
+            Setting::Model,
             "model_index.json, unet/, vae/, ...",
         )
     }
@@ -36,22 +36,31 @@ impl ModelSource {
         Self::parse_as(
             spec,
             None,
-            "folder",
+            Setting::Vae,
             "config.json, diffusion_pytorch_model.safetensors",
         )
     }
 
-    fn parse_as(spec: &str, revision: Option<&str>, label: &str, layout: &str) -> Result<Self> {
+    fn parse_as(
+        spec: &str,
+        revision: Option<&str>,
+        setting: Setting,
+        layout: &str,
+    ) -> Result<Self> {
         let path = Path::new(spec);
         if path.exists() {
             if !path.is_dir() {
-                return Err(Error::InvalidInput(format!(
-                    "{label} {spec}: expected a folder in diffusers layout ({layout}), found a file"
-                )));
+                return Err(Error::setting(
+                    setting,
+                    spec,
+                    format!("expected a folder in diffusers layout ({layout}), found a file"),
+                ));
             }
             if revision.is_some() {
-                return Err(Error::InvalidInput(
-                    "--revision only applies to hub models, not local folders".into(),
+                return Err(Error::setting(
+                    Setting::Revision,
+                    revision.unwrap_or_default(),
+                    "only applies to hub models, not local folders",
                 ));
             }
             return Ok(Self::Local(path.to_path_buf()));
@@ -67,9 +76,11 @@ impl ModelSource {
                         .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
             });
         if !looks_like_id {
-            return Err(Error::InvalidInput(format!(
-                "{label} {spec}: no such folder, and not a hub repo id of the form owner/name"
-            )));
+            return Err(Error::setting(
+                setting,
+                spec,
+                "no such folder, and not a hub repo id of the form owner/name",
+            ));
         }
         Ok(Self::Hub {
             repo_id: spec.to_string(),

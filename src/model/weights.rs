@@ -59,6 +59,23 @@ fn advise_huge_pages(buf: &mut [f32]) {
     let _ = buf;
 }
 
+/// Number of parameters stored in the safetensors file at `path`, read from its header only
+/// (nothing is loaded): what the memory estimate counts for a component's weights.
+pub fn parameter_count(path: &Path) -> Result<u64> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    // SAFETY: read-only map, only the header is read (see `Weights::open`).
+    let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+    let (_, metadata) = SafeTensors::read_metadata(&mmap).map_err(|e| Error::Weights {
+        path: path.to_path_buf(),
+        message: format!("not a valid safetensors file ({e}); is it truncated?"),
+    })?;
+    Ok(metadata
+        .tensors()
+        .values()
+        .map(|info| info.shape.iter().map(|&d| d as u64).product::<u64>())
+        .sum())
+}
+
 impl Weights {
     /// Memory-maps `path` and reads its header. Pickle checkpoints, truncated files and
     /// malformed headers are refused with an error naming the file.

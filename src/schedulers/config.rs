@@ -9,6 +9,9 @@ use super::math::{self, Prediction, Spacing};
 use super::SchedulerKind;
 use crate::{Error, Result};
 
+/// Most training timesteps a scheduler config may declare (diffusers' models use 1000).
+pub const MAX_TRAIN_TIMESTEPS: usize = 100_000;
+
 /// The keys of a diffusers `scheduler_config.json` that `latent`'s schedulers read.
 ///
 /// Every field is `None` when the file lacks the key (or holds `null`): each scheduler then
@@ -149,7 +152,7 @@ impl SchedulerConfig {
             map: &map,
             path: &path,
         };
-        Ok(SchedulerConfig {
+        let config = SchedulerConfig {
             class_name: f.get("_class_name")?,
             num_train_timesteps: f.get("num_train_timesteps")?,
             beta_start: f.float("beta_start")?,
@@ -186,7 +189,19 @@ impl SchedulerConfig {
             lambda_min_clipped: f.float("lambda_min_clipped")?,
             variance_type: f.get("variance_type")?,
             path,
-        })
+        };
+        // The training schedule is built as one array of this length; SD uses 1000.
+        if let Some(n) = config.num_train_timesteps {
+            if n > MAX_TRAIN_TIMESTEPS {
+                return Err(config.error(
+                    "num_train_timesteps",
+                    format!(
+                        "{n} is larger than the limit of {MAX_TRAIN_TIMESTEPS} (a corrupt config?)"
+                    ),
+                ));
+            }
+        }
+        Ok(config)
     }
 
     /// The file this config was read from (named in errors).
