@@ -7,8 +7,8 @@
 //! the loop, the files on disk and the progress bars.
 use std::collections::{HashMap, HashSet};
 use std::fmt;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::fs::{self, File};
+use std::io::{Seek, SeekFrom, Write};
 use std::path::{Component, Path, PathBuf};
 use std::str::FromStr;
 use std::time::{Duration, Instant};
@@ -20,7 +20,13 @@ use crate::pipeline::{
     Event, GeneratedImage, PromptEmbeddings, Sampling, StableDiffusion, Timings,
 };
 use crate::schedulers::SchedulerKind;
-use crate::{Error, Result};
+use crate::{Error, Result, Setting};
+
+mod check;
+mod run;
+
+pub use check::{CheckGroup, CheckItem, CheckReport};
+pub use run::{Access, Batch, BatchConfig, BatchEvent, Stop, Summary};
 
 // ---------------------------------------------------------------------------------------------
 // Formats and reading files
@@ -842,7 +848,34 @@ fn resolve_line(
 /// (the pipeline's one check of them, [`StableDiffusion::check_sampling`]).
 pub fn validate_job(model: &StableDiffusion, job: &Job) -> Result<()> {
     crate::pipeline::check_prompt(&job.prompt)?;
+    check_text(Setting::Prompt, &job.prompt)?;
+    check_text(Setting::NegativePrompt, &job.negative_prompt)?;
     model.check_sampling(&job.sampling, 1)
+}
+
+/// A prompt goes into the PNG's text chunk, which forbids NUL; other control characters
+/// (tab and newline aside) are invisible in every place the prompt is shown, so both are
+/// refused rather than written.
+fn check_text(setting: Setting, text: &str) -> Result<()> {
+    match text
+        .chars()
+        .find(|&c| c.is_control() && c != '\t' && c != '\n')
+    {
+        Some(c) => Err(Error::setting(
+            setting,
+            format!("{:?}", one_line_preview(text)),
+            format!(
+                "holds the control character U+{:04X}; remove it",
+                u32::from(c)
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// The first characters of `text`, control characters escaped, for an error message.
+fn one_line_preview(text: &str) -> String {
+    text.chars().take(40).collect()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1448,11 +1481,9 @@ impl Manifest {
     /// run's memory, so it is not guessed around); only a last line without a newline that
     /// does not parse is reported as torn.
     pub fn read(path: &Path) -> Result<ManifestContents> {
-        let mut bytes = Vec::new();
-        match File::open(path) {
-            Ok(mut f) => f.read_to_end(&mut bytes).map_err(|e| Error::io(path, e))?,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(ManifestContents::default()),
-            Err(e) => return Err(Error::io(path, e)),
+        // A link could point anywhere: the manifest is the folder's own file or an error.
+        let Some(bytes) = crate::files::read_no_follow(path)? else {
+            return Ok(ManifestContents::default());
         };
         let mut contents = ManifestContents::default();
         let mut offset = 0usize;
@@ -1501,12 +1532,7 @@ impl Manifest {
             fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         }
         let contents = Manifest::read(path)?;
-        let mut file = OpenOptions::new()
-            .read(true)
-            .append(true)
-            .create(true)
-            .open(path)
-            .map_err(|e| Error::io(path, e))?;
+        let mut file = crate::files::open_append_no_follow(path)?;
         let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
         if contents.torn.is_some() {
             file.set_len(contents.complete_len)

@@ -230,6 +230,10 @@ pub struct BatchArgs {
     /// Print one JSON object per finished image on stdout (its manifest record plus `path`).
     #[arg(long)]
     pub json: bool,
+    /// When another latent run holds the output folder, wait for it to end instead of
+    /// stopping at once.
+    #[arg(long)]
+    pub wait: bool,
 }
 
 #[derive(Debug, Args)]

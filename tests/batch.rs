@@ -478,9 +478,9 @@ fn whole_file_problems_are_clear_errors_before_any_work() {
     for (flags, want) in [
         (
             &["--batch-size", "0"][..],
-            "--batch-size must be at least 1",
+            "--batch-size 0: must be at least 1",
         ),
-        (&["--repeat", "0"][..], "--repeat must be at least 1"),
+        (&["--repeat", "0"][..], "-n/--repeat 0: must be at least 1"),
         (&["--filename", "{index}.jpg"][..], "must end in .png"),
     ] {
         let o = run_batch(dir.path(), &["list.csv", "--format", "text"], flags);
@@ -592,12 +592,12 @@ fn interrupt_run(presses: usize) -> (Output, PathBuf, tempfile::TempDir) {
 fn assert_consistent(dir: &Path) {
     let recorded: BTreeSet<String> = records(dir).into_iter().map(|r| r.file).collect();
     assert_eq!(recorded, pngs(dir));
-    let hidden: Vec<String> = fs::read_dir(dir.join("out"))
+    let temps: Vec<String> = fs::read_dir(dir.join("out"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with('.'))
+        .filter(|n| latent::files::is_temp_name(n))
         .collect();
-    assert!(hidden.is_empty(), "temporary files left: {hidden:?}");
+    assert!(temps.is_empty(), "temporary files left: {temps:?}");
 }
 
 #[cfg(unix)]
@@ -646,6 +646,6 @@ fn a_second_ctrl_c_abandons_the_batch_cleanly() {
     let (out, _, dir) = interrupt_run(2);
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(130), "{err}");
-    assert!(err.contains("abandoning the current batch"), "{err}");
+    assert!(err.contains("interrupted again: quitting"), "{err}");
     assert_consistent(dir.path());
 }
