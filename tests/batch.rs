@@ -7,78 +7,15 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use candle_core::{DType, Device};
-use latent::batch::{self, Defaults, Format, Plan, Record};
+use latent::batch::{self, Defaults, Format, Plan};
 use latent::model::ModelSource;
 use latent::noise::RngKind;
 use latent::pipeline::{Sampling, StableDiffusion, Timings};
 use serde_json::Value;
 
 mod common;
+use common::batch::*;
 use common::{max_abs, max_abs_diff};
-
-fn model_dir() -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/tiny-sd1")
-        .display()
-        .to_string()
-}
-
-fn latent(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_latent"))
-        .current_dir(dir)
-        .args(args)
-        .env_remove("LATENT_MODEL")
-        .env("HF_HUB_OFFLINE", "1")
-        .output()
-        .expect("run latent")
-}
-
-/// `latent batch FILES... --model tiny --steps 2 -o out --seed 100 EXTRA...` in `dir`.
-fn run_batch(dir: &Path, files: &[&str], extra: &[&str]) -> Output {
-    run_batch_to(dir, "out", files, extra)
-}
-
-/// [`run_batch`] into the folder `out`.
-fn run_batch_to(dir: &Path, out: &str, files: &[&str], extra: &[&str]) -> Output {
-    let model = model_dir();
-    let mut args = vec!["batch"];
-    args.extend(files);
-    args.extend([
-        "--model", &model, "--steps", "2", "-o", out, "--seed", "100",
-    ]);
-    args.extend(extra);
-    latent(dir, &args)
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn records(dir: &Path) -> Vec<Record> {
-    let text = fs::read_to_string(dir.join("out").join(batch::MANIFEST_NAME)).unwrap();
-    text.lines()
-        .map(|l| serde_json::from_str(l).expect("manifest line"))
-        .collect()
-}
-
-fn pngs(dir: &Path) -> BTreeSet<String> {
-    fs::read_dir(dir.join("out"))
-        .map(|entries| {
-            entries
-                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-                .filter(|n| n.ends_with(".png"))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-fn write(dir: &Path, name: &str, text: &str) {
-    fs::write(dir.join(name), text).unwrap();
-}
 
 const TXT: &str = "\
 # two plain prompts, one AUTOMATIC1111 line
@@ -592,11 +529,7 @@ fn interrupt_run(presses: usize) -> (Output, PathBuf, tempfile::TempDir) {
 fn assert_consistent(dir: &Path) {
     let recorded: BTreeSet<String> = records(dir).into_iter().map(|r| r.file).collect();
     assert_eq!(recorded, pngs(dir));
-    let temps: Vec<String> = fs::read_dir(dir.join("out"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| latent::files::is_temp_name(n))
-        .collect();
+    let temps = temps(dir);
     assert!(temps.is_empty(), "temporary files left: {temps:?}");
 }
 
