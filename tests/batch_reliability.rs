@@ -192,3 +192,54 @@ fn a_full_disk_stops_the_run_at_the_first_write_that_fails() {
     );
     assert!(leftover.is_empty(), "{leftover:?}");
 }
+
+/// xorshift64*: a fixed sequence of kill delays, the same on every run of the test.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+}
+
+#[cfg(unix)]
+#[test]
+fn killed_at_random_moments_and_resumed_it_ends_like_an_uninterrupted_run() {
+    let reference = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for d in [reference.path(), dir.path()] {
+        write(d, "p.txt", "--prompt a cat --n_iter 3\n--prompt a dog --n_iter 3\n");
+    }
+    let started = Instant::now();
+    let o = spawn_batch(reference.path(), "4", &[]).wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let whole_run = started.elapsed();
+
+    let mut rng = Rng(0x5eed_1234_abcd_0001);
+    for _ in 0..20 {
+        // From at once to the whole run's length, so some kills land before any output.
+        let delay = whole_run.mul_f64((rng.next() % 1000) as f64 / 1000.0);
+        let mut child = spawn_batch(dir.path(), "4", &[]);
+        std::thread::sleep(delay);
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    let o = spawn_batch(dir.path(), "4", &[]).wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    assert_eq!(pngs(dir.path()), pngs(reference.path()));
+    assert_eq!(pngs(dir.path()).len(), 6);
+    assert_pngs_decode(dir.path());
+    let files: Vec<String> = records(dir.path()).into_iter().map(|r| r.file).collect();
+    assert_eq!(files.len(), 6, "one record per item: {files:?}");
+    assert_eq!(files.iter().collect::<BTreeSet<_>>().len(), 6);
+    assert!(temps(dir.path()).is_empty(), "{:?}", temps(dir.path()));
+    for name in pngs(dir.path()) {
+        let got = fs::read(dir.path().join("out").join(&name)).unwrap();
+        let want = fs::read(reference.path().join("out").join(&name)).unwrap();
+        assert!(got == want, "{name} differs from the uninterrupted run's");
+    }
+}
