@@ -24,9 +24,14 @@ use crate::{Error, Result, Setting};
 
 mod check;
 mod run;
+mod shard;
 
 pub use check::{CheckGroup, CheckItem, CheckReport};
 pub use run::{Access, Batch, BatchConfig, BatchEvent, Stop, Summary};
+pub use shard::{
+    manifest_files, merge, read_all, MergeReport, Shard, K8S_INDEX_ENV, SHARD_COUNT_ENV,
+    SLURM_COUNT_ENV, SLURM_ID_ENV, SLURM_MIN_ENV,
+};
 
 // ---------------------------------------------------------------------------------------------
 // Formats and reading files

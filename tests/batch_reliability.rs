@@ -211,10 +211,16 @@ fn killed_at_random_moments_and_resumed_it_ends_like_an_uninterrupted_run() {
     let reference = tempfile::tempdir().unwrap();
     let dir = tempfile::tempdir().unwrap();
     for d in [reference.path(), dir.path()] {
-        write(d, "p.txt", "--prompt a cat --n_iter 3\n--prompt a dog --n_iter 3\n");
+        write(
+            d,
+            "p.txt",
+            "--prompt a cat --n_iter 3\n--prompt a dog --n_iter 3\n",
+        );
     }
     let started = Instant::now();
-    let o = spawn_batch(reference.path(), "4", &[]).wait_with_output().unwrap();
+    let o = spawn_batch(reference.path(), "4", &[])
+        .wait_with_output()
+        .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let whole_run = started.elapsed();
 
@@ -227,7 +233,9 @@ fn killed_at_random_moments_and_resumed_it_ends_like_an_uninterrupted_run() {
         child.kill().unwrap();
         child.wait().unwrap();
     }
-    let o = spawn_batch(dir.path(), "4", &[]).wait_with_output().unwrap();
+    let o = spawn_batch(dir.path(), "4", &[])
+        .wait_with_output()
+        .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 
     assert_eq!(pngs(dir.path()), pngs(reference.path()));

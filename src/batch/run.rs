@@ -2,11 +2,14 @@
 //! folder's lock (resume, recovered files, clashes), then the render loop reporting through an
 //! event callback and stopping on a [`Cancel`] request, a `max_images` limit or a full disk.
 //! The command line only configures it, draws progress and prints the [`Summary`].
+use std::collections::HashSet;
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use super::shard::{self, Shard};
 use super::{
     existing_file, group_jobs, render_jobs, validate_job, Defaults, Existing, Finished, Job,
     LineError, Manifest, NameTemplate, Plan, PromptFile, Record, RecordTimings, RunInfo,
@@ -39,6 +42,8 @@ pub struct BatchConfig {
     pub overwrite: bool,
     /// Wait for another run holding the folder instead of failing with [`Error::InUse`].
     pub wait: bool,
+    /// Make only this shard's items, beside the other shards in the same folder.
+    pub shard: Option<Shard>,
 }
 
 impl BatchConfig {
@@ -59,9 +64,12 @@ impl BatchConfig {
         Ok(())
     }
 
-    /// The manifest's path.
+    /// The manifest this run appends to: `manifest.jsonl`, or a shard's own.
     pub fn manifest_path(&self) -> PathBuf {
-        self.out_dir.join(MANIFEST_NAME)
+        match &self.shard {
+            Some(shard) => self.out_dir.join(shard.manifest_name()),
+            None => self.out_dir.join(MANIFEST_NAME),
+        }
     }
 }
 
@@ -84,6 +92,8 @@ pub struct Batch<'m> {
     run: RunInfo,
     /// Indices (into `plan.jobs`) of the items to make, in item order.
     todo: Vec<usize>,
+    /// Items of this run's shard (all items without one).
+    owned: usize,
     done: usize,
     recovered: usize,
     blocked: Vec<String>,
@@ -116,11 +126,12 @@ impl<'m> Batch<'m> {
         }
         let manifest_path = config.manifest_path();
         let lock = match access {
-            Access::Write => Some(FolderLock::acquire(
-                out_dir,
-                LockMode::Exclusive,
-                config.wait,
-            )?),
+            Access::Write => {
+                let mode = config
+                    .shard
+                    .map_or(LockMode::Exclusive, |shard| shard.lock_mode());
+                Some(FolderLock::acquire(out_dir, mode, config.wait)?)
+            }
             Access::Read => None,
         };
         let mut warnings = Vec::new();
@@ -143,10 +154,22 @@ impl<'m> Batch<'m> {
                 torn.len()
             ));
         }
-        let run_seed = config
-            .seed
-            .or_else(|| contents.records.last().map(|r| r.run_seed))
-            .unwrap_or(config.new_seed);
+        // Every manifest of the folder counts as one: shards, and runs before or after them.
+        let mut records = shard::read_all(out_dir, Some(&manifest_path))?;
+        records.extend(contents.records);
+        let recorded_seed = records.last().map(|r| r.run_seed);
+        let run_seed =
+            match (config.seed, recorded_seed, config.shard) {
+                (Some(seed), _, _) | (None, Some(seed), _) => seed,
+                // Each shard would pick its own seed, and the shards would not add up to one run.
+                (None, None, Some(_)) => return Err(Error::setting(
+                    Setting::Seed,
+                    "(none)",
+                    "a sharded batch needs one run seed for all its shards: give the same seed \
+                     to every shard (or resume a folder whose manifest records it)",
+                )),
+                (None, None, None) => config.new_seed,
+            };
         let defaults = Defaults {
             negative_prompt: negative_prompt.to_string(),
             sampling,
@@ -154,9 +177,18 @@ impl<'m> Batch<'m> {
         };
         let plan = Plan::new(files, &defaults, run_seed, &|job| validate_job(model, job));
         let names = config.template.assign(&plan.jobs)?;
+        let shard = config.shard;
+        let owns = move |index: usize| shard.is_none_or(|shard| shard.owns(index));
         if lock.is_some() {
-            // Under the exclusive lock every temporary file of ours is a leftover of a killed run.
-            files::remove_temps(out_dir, |_| true)?;
+            // Under our lock a temporary file of our own items is a leftover of a killed run;
+            // other shards' temporaries may be files they are writing now.
+            let own: HashSet<&OsStr> = plan
+                .jobs
+                .iter()
+                .filter(|job| owns(job.index))
+                .filter_map(|job| names[job.index].file_name())
+                .collect();
+            files::remove_temps(out_dir, |target| own.contains(OsStr::new(target)))?;
         }
         let run = RunInfo {
             run_seed,
@@ -164,7 +196,7 @@ impl<'m> Batch<'m> {
             device: format!("{:?}", model.device().location()),
             dtype: format!("{:?}", model.dtype()).to_lowercase(),
         };
-        let finished = Finished::new(out_dir, &contents.records);
+        let finished = Finished::new(out_dir, &records);
         let mut batch = Batch {
             model,
             config,
@@ -172,6 +204,7 @@ impl<'m> Batch<'m> {
             names,
             run,
             todo: Vec::new(),
+            owned: 0,
             done: 0,
             recovered: 0,
             blocked: Vec::new(),
@@ -180,6 +213,10 @@ impl<'m> Batch<'m> {
             _lock: lock,
         };
         for job in &batch.plan.jobs {
+            if !owns(job.index) {
+                continue;
+            }
+            batch.owned += 1;
             if finished.file(&job.key(model.name())).is_some() {
                 batch.done += 1;
                 continue;
@@ -287,7 +324,7 @@ impl<'m> Batch<'m> {
             batches,
         });
         let mut summary = Summary {
-            items: self.plan.jobs.len(),
+            items: self.owned,
             made: 0,
             skipped: self.skipped(),
             failed: self.blocked.len(),
@@ -438,7 +475,7 @@ pub enum Stop {
 /// What a run did.
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {
-    /// Items in the plan.
+    /// Items in the plan (of this shard, in a sharded run).
     pub items: usize,
     /// Images made by this run.
     pub made: usize,

@@ -4,7 +4,9 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
-use latent::batch::{self, Access, Batch, BatchConfig, BatchEvent, CheckReport, Record, Stop};
+use latent::batch::{
+    self, Access, Batch, BatchConfig, BatchEvent, CheckReport, Record, Shard, Stop,
+};
 use latent::pipeline::Residency;
 use latent::Cancel;
 
@@ -24,6 +26,23 @@ fn default_output(first: &Path) -> PathBuf {
 
 /// `latent batch`.
 pub fn batch(args: BatchArgs) -> Result<()> {
+    if let Some(dir) = &args.merge {
+        let report = batch::merge(dir, args.wait)?;
+        if !args.quiet {
+            eprintln!(
+                "merged {} manifest file(s) into {}: {} record(s), {} duplicate(s) dropped",
+                report.files.len(),
+                report.manifest.display(),
+                report.records,
+                report.duplicates
+            );
+        }
+        return Ok(());
+    }
+    let shard = match &args.shard {
+        Some(text) => Some(Shard::parse(text, &|name| std::env::var(name).ok())?),
+        None => None,
+    };
     let config = BatchConfig {
         out_dir: match &args.output {
             Some(dir) => dir.clone(),
@@ -37,6 +56,7 @@ pub fn batch(args: BatchArgs) -> Result<()> {
         template: args.filename.parse()?,
         overwrite: args.overwrite,
         wait: args.wait,
+        shard,
     };
     // Settings and whole-file problems (missing, not UTF-8, empty) stop before the model loads.
     config.validate()?;
