@@ -7,10 +7,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use candle_core::{DType, Device};
-use latent::batch::{self, Defaults, Format, Plan};
+use latent::batch::{self, Access, Batch, BatchConfig, BatchEvent, Defaults, Format, Plan, Stop};
 use latent::model::ModelSource;
 use latent::noise::RngKind;
 use latent::pipeline::{Sampling, StableDiffusion, Timings};
+use latent::Cancel;
 use serde_json::Value;
 
 mod common;
@@ -581,4 +582,80 @@ fn a_second_ctrl_c_abandons_the_batch_cleanly() {
     assert_eq!(out.status.code(), Some(130), "{err}");
     assert!(err.contains("interrupted again: quitting"), "{err}");
     assert_consistent(dir.path());
+}
+
+#[test]
+fn the_library_run_stops_after_the_batch_in_flight_when_cancelled() {
+    let model = load_tiny();
+    let dir = tempfile::tempdir().unwrap();
+    let file = batch::parse_prompt_text(
+        Path::new("p.txt"),
+        "--prompt a cat --n_iter 5\n",
+        Format::Text,
+    )
+    .unwrap();
+    let config = BatchConfig {
+        out_dir: dir.path().join("out"),
+        seed: Some(3),
+        new_seed: 0,
+        repeat: 1,
+        batch_size: 2,
+        max_images: None,
+        template: batch::DEFAULT_TEMPLATE.parse().unwrap(),
+        overwrite: false,
+        wait: false,
+        shard: None,
+    };
+    let sampling = Sampling {
+        width: 64,
+        height: 64,
+        steps: 2,
+        guidance: 7.5,
+        scheduler: "euler".parse().unwrap(),
+        karras: false,
+        rng: RngKind::Torch,
+        size_conditioning: Default::default(),
+        preview_every: None,
+    };
+    // The settings check comes first, before the folder is touched.
+    let bad = BatchConfig {
+        batch_size: 0,
+        ..config.clone()
+    };
+    let e = Batch::prepare(
+        &model,
+        bad,
+        &[file.clone()],
+        "",
+        sampling.clone(),
+        Access::Write,
+    );
+    assert_eq!(
+        e.err().map(|e| e.to_string()),
+        Some("batch_size 0: must be at least 1".to_string())
+    );
+    assert!(!dir.path().join("out").exists());
+
+    let prepared = Batch::prepare(&model, config, &[file], "", sampling, Access::Write).unwrap();
+    assert_eq!(prepared.todo().len(), 5);
+    let cancel = Cancel::new();
+    let mut written = Vec::new();
+    let mut batches = 0;
+    let summary = prepared
+        .run(&cancel, &mut |event| match event {
+            BatchEvent::BatchStarted { .. } => batches += 1,
+            BatchEvent::Written { record, .. } => {
+                written.push(record.index);
+                // A server's stop button: asked while the first batch is being written.
+                cancel.request();
+            }
+            _ => {}
+        })
+        .unwrap();
+    assert_eq!(batches, 1);
+    assert_eq!(written, vec![0, 1], "the batch in flight is finished");
+    assert_eq!(summary.stop, Stop::Cancelled);
+    assert_eq!((summary.made, summary.left, summary.items), (2, 3, 5));
+    assert!(summary.stopped_early());
+    assert_eq!(records(dir.path()).len(), 2);
 }
