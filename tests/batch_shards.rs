@@ -163,6 +163,12 @@ fn a_killed_shard_resumes_only_its_own_items() {
     let before = manifest_records(dir.path(), "manifest.shard-2-of-3.jsonl").len();
     assert!(before < 4, "killed before the end");
 
+    // A killed writer's temporary files: one of this shard's items (item 1), removed by the
+    // rerun, and one of shard 1's (item 0), which may be in the middle of being written.
+    let own_temp = dir.path().join("out/.00001-101-a_cat.png.tmp-1-0");
+    let other_temp = dir.path().join("out/.00000-100-a_cat.png.tmp-1-0");
+    fs::write(&own_temp, "partial").unwrap();
+    fs::write(&other_temp, "partial").unwrap();
     let o = batch_cmd(dir.path(), &shard, &[])
         .args(["--steps", "20", "--json"])
         .output()
@@ -182,6 +188,8 @@ fn a_killed_shard_resumes_only_its_own_items() {
         "only the rest of the shard: {made:?}"
     );
     assert_eq!(pngs(dir.path()).len(), 4);
+    assert!(!own_temp.exists(), "the shard's own leftover is removed");
+    assert!(other_temp.exists(), "another shard's temporary file is left alone");
 }
 
 #[test]

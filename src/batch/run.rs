@@ -180,15 +180,18 @@ impl<'m> Batch<'m> {
         let shard = config.shard;
         let owns = move |index: usize| shard.is_none_or(|shard| shard.owns(index));
         if lock.is_some() {
-            // Under our lock a temporary file of our own items is a leftover of a killed run;
-            // other shards' temporaries may be files they are writing now.
+            // Under the exclusive lock every temporary file of ours is a leftover of a killed
+            // run. A shard removes only those of its own items: the other shards' may be
+            // files they are writing now.
             let own: HashSet<&OsStr> = plan
                 .jobs
                 .iter()
                 .filter(|job| owns(job.index))
                 .filter_map(|job| names[job.index].file_name())
                 .collect();
-            files::remove_temps(out_dir, |target| own.contains(OsStr::new(target)))?;
+            files::remove_temps(out_dir, |target| {
+                shard.is_none() || own.contains(OsStr::new(target))
+            })?;
         }
         let run = RunInfo {
             run_seed,
