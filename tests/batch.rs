@@ -16,6 +16,7 @@ use serde_json::Value;
 
 mod common;
 use common::batch::*;
+use common::stderr;
 use common::{max_abs, max_abs_diff};
 
 const TXT: &str = "\
@@ -625,7 +626,7 @@ fn the_library_run_stops_after_the_batch_in_flight_when_cancelled() {
     let e = Batch::prepare(
         &model,
         bad,
-        &[file.clone()],
+        std::slice::from_ref(&file),
         "",
         sampling.clone(),
         Access::Write,

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 use common::batch::*;
+use common::stderr;
 
 /// `latent batch p.txt` on the tiny model into `out`, as a child process.
 fn spawn_batch(dir: &Path, steps: &str, extra: &[&str]) -> Child {

@@ -12,6 +12,7 @@ use serde_json::Value;
 
 mod common;
 use common::batch::*;
+use common::stderr;
 
 const PROMPTS: &str = "--prompt a cat --n_iter 4\na dog\n--prompt a fox --n_iter 2\n";
 
@@ -189,7 +190,10 @@ fn a_killed_shard_resumes_only_its_own_items() {
     );
     assert_eq!(pngs(dir.path()).len(), 4);
     assert!(!own_temp.exists(), "the shard's own leftover is removed");
-    assert!(other_temp.exists(), "another shard's temporary file is left alone");
+    assert!(
+        other_temp.exists(),
+        "another shard's temporary file is left alone"
+    );
 }
 
 #[test]

@@ -7,8 +7,6 @@ use std::process::{Command, Output};
 
 use latent::batch::{self, Record};
 
-pub use super::stderr;
-
 /// The tiny SD1 test model's folder.
 pub fn model_dir() -> String {
     Path::new(env!("CARGO_MANIFEST_DIR"))
