@@ -360,6 +360,7 @@ pub fn flag(setting: Setting) -> &'static str {
         Setting::Output => "-o/--output",
         Setting::Vae => "--vae",
         Setting::Device => "--device",
+        Setting::Merge => "--merge",
         _ => "an option",
     }
 }

@@ -118,6 +118,8 @@ pub enum Setting {
     Output,
     Vae,
     Device,
+    /// The folder whose shard manifests are merged.
+    Merge,
 }
 
 impl Setting {
@@ -148,6 +150,7 @@ impl Setting {
             Setting::Output => "output",
             Setting::Vae => "vae",
             Setting::Device => "device",
+            Setting::Merge => "merge",
         }
     }
 }

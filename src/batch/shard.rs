@@ -186,7 +186,7 @@ pub struct MergeReport {
 pub fn merge(dir: &Path, wait: bool) -> Result<MergeReport> {
     if !dir.is_dir() {
         return Err(Error::setting(
-            Setting::Output,
+            Setting::Merge,
             dir.display(),
             "is not a folder",
         ));

@@ -162,7 +162,7 @@ pub fn batch(args: BatchArgs) -> Result<()> {
             "stopped: {message}; {} made, {} left; free some space and run the same command \
              again to resume",
             s.made,
-            s.left + s.failed
+            s.items - s.skipped - s.made
         ),
         _ if s.failed > 0 || s.bad_lines > 0 => {
             bail!("{} (see above)", failures(s.failed, s.bad_lines))
