@@ -227,7 +227,8 @@ pub struct BatchArgs {
     /// No progress bars, per-image lines or summary (line errors are still printed).
     #[arg(short, long)]
     pub quiet: bool,
-    /// Print one JSON object per finished image on stdout (its manifest record plus `path`).
+    /// Print one JSON object per finished image on stdout (its manifest record plus `path`);
+    /// with --check or --merge, their report as one JSON object.
     #[arg(long)]
     pub json: bool,
     /// When another latent run holds the output folder, wait for it to end instead of

@@ -42,9 +42,17 @@ fn wait_for_records(dir: &Path, n: usize) {
 #[test]
 fn a_second_run_on_the_same_folder_stops_at_once_or_waits_with_wait() {
     let dir = tempfile::tempdir().unwrap();
-    write(dir.path(), "p.txt", "--prompt a cat --n_iter 8\n");
+    write(dir.path(), "p.txt", "--prompt a cat --n_iter 16\n");
     let first = spawn_batch(dir.path(), "20", &[]);
     wait_for_records(dir.path(), 1);
+
+    // `--check` only reads: it neither waits for the run nor disturbs it.
+    let o = spawn_batch(dir.path(), "20", &["--check", "--json"])
+        .wait_with_output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(report["items"], 16);
 
     let started = Instant::now();
     let o = spawn_batch(dir.path(), "20", &[])
@@ -73,7 +81,7 @@ fn a_second_run_on_the_same_folder_stops_at_once_or_waits_with_wait() {
     assert_eq!(stdout(&o), "");
     let files: Vec<String> = records(dir.path()).into_iter().map(|r| r.file).collect();
     let unique: BTreeSet<String> = files.iter().cloned().collect();
-    assert_eq!(files.len(), 8);
+    assert_eq!(files.len(), 16);
     assert_eq!(unique, pngs(dir.path()));
 }
 

@@ -28,7 +28,9 @@ fn default_output(first: &Path) -> PathBuf {
 pub fn batch(args: BatchArgs) -> Result<()> {
     if let Some(dir) = &args.merge {
         let report = batch::merge(dir, args.wait)?;
-        if !args.quiet {
+        if args.json {
+            println!("{}", serde_json::to_string(&report)?);
+        } else if !args.quiet {
             eprintln!(
                 "merged {} manifest file(s) into {}: {} record(s), {} duplicate(s) dropped",
                 report.files.len(),
@@ -93,7 +95,11 @@ pub fn batch(args: BatchArgs) -> Result<()> {
     }
     if args.check {
         let report = prepared.check()?;
-        print!("{}", format_check(&report, &prepared, args.files.len()));
+        if args.json {
+            println!("{}", serde_json::to_string(&report)?);
+        } else {
+            print!("{}", format_check(&report, &prepared, args.files.len()));
+        }
         if report.has_problems() {
             bail!("{} (see above)", failures(report.blocked, report.bad_lines));
         }
