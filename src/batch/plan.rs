@@ -196,7 +196,8 @@ fn check_text(setting: Setting, text: &str) -> Result<()> {
     {
         Some(c) => Err(Error::setting(
             setting,
-            format!("{:?}", one_line_preview(text)),
+            // Debug quoting shows the invisible character as an escape (`\0`, `\u{7}`).
+            format!("{:?}", text.chars().take(40).collect::<String>()),
             format!(
                 "holds the control character U+{:04X}; remove it",
                 u32::from(c)
@@ -204,9 +205,4 @@ fn check_text(setting: Setting, text: &str) -> Result<()> {
         )),
         None => Ok(()),
     }
-}
-
-/// The first characters of `text`, control characters escaped, for an error message.
-fn one_line_preview(text: &str) -> String {
-    text.chars().take(40).collect()
 }
