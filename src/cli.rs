@@ -191,7 +191,7 @@ pub struct GenerateArgs {
 pub struct BatchArgs {
     /// Prompt files: .txt (one prompt, or one line of AUTOMATIC1111 options, per line) or .jsonl
     /// (one JSON object per line). `#` comments and blank lines are skipped.
-    #[arg(required = true)]
+    #[arg(required_unless_present = "merge")]
     pub files: Vec<PathBuf>,
     /// Read every file in this format instead of the one its extension names: text or jsonl.
     #[arg(long)]
@@ -230,9 +230,24 @@ pub struct BatchArgs {
     /// No progress bars, per-image lines or summary (line errors are still printed).
     #[arg(short, long)]
     pub quiet: bool,
-    /// Print one JSON object per finished image on stdout (its manifest record plus `path`).
+    /// Print one JSON object per finished image on stdout (its manifest record plus `path`);
+    /// with --check or --merge, their report as one JSON object.
     #[arg(long)]
     pub json: bool,
+    /// When another latent run holds the output folder, wait for it to end instead of
+    /// stopping at once.
+    #[arg(long)]
+    pub wait: bool,
+    /// Make only shard I of N (I from 1): the items whose index is I-1 modulo N, into the
+    /// shared output folder with their own manifest. `auto` reads $JOB_COMPLETION_INDEX with
+    /// N from `auto/N` or $LATENT_SHARD_COUNT (Kubernetes Indexed Job), or
+    /// $SLURM_ARRAY_TASK_ID, $SLURM_ARRAY_TASK_MIN and $SLURM_ARRAY_TASK_COUNT (Slurm array).
+    /// Needs --seed unless the folder's manifest records one.
+    #[arg(long, value_name = "I/N|auto|auto/N")]
+    pub shard: Option<String>,
+    /// Merge the shards' manifests in FOLDER into one manifest.jsonl (after all shards ended).
+    #[arg(long, value_name = "FOLDER", conflicts_with_all = ["files", "shard", "check"])]
+    pub merge: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -351,6 +366,7 @@ pub fn flag(setting: Setting) -> &'static str {
         Setting::Device => "--device",
         Setting::Model => "--model",
         Setting::Revision => "--revision",
+        Setting::Merge => "--merge",
         _ => "an option",
     }
 }

@@ -120,6 +120,8 @@ pub enum Setting {
     Device,
     Model,
     Revision,
+    /// The folder whose shard manifests are merged.
+    Merge,
 }
 
 impl Setting {
@@ -152,6 +154,7 @@ impl Setting {
             Setting::Device => "device",
             Setting::Model => "model",
             Setting::Revision => "revision",
+            Setting::Merge => "merge",
         }
     }
 }

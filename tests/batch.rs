@@ -7,78 +7,17 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use candle_core::{DType, Device};
-use latent::batch::{self, Defaults, Format, Plan, Record};
+use latent::batch::{self, Access, Batch, BatchConfig, BatchEvent, Defaults, Format, Plan, Stop};
 use latent::model::ModelSource;
 use latent::noise::RngKind;
 use latent::pipeline::{Sampling, StableDiffusion, Timings};
+use latent::Cancel;
 use serde_json::Value;
 
 mod common;
+use common::batch::*;
+use common::stderr;
 use common::{max_abs, max_abs_diff};
-
-fn model_dir() -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/tiny-sd1")
-        .display()
-        .to_string()
-}
-
-fn latent(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_latent"))
-        .current_dir(dir)
-        .args(args)
-        .env_remove("LATENT_MODEL")
-        .env("HF_HUB_OFFLINE", "1")
-        .output()
-        .expect("run latent")
-}
-
-/// `latent batch FILES... --model tiny --steps 2 -o out --seed 100 EXTRA...` in `dir`.
-fn run_batch(dir: &Path, files: &[&str], extra: &[&str]) -> Output {
-    run_batch_to(dir, "out", files, extra)
-}
-
-/// [`run_batch`] into the folder `out`.
-fn run_batch_to(dir: &Path, out: &str, files: &[&str], extra: &[&str]) -> Output {
-    let model = model_dir();
-    let mut args = vec!["batch"];
-    args.extend(files);
-    args.extend([
-        "--model", &model, "--steps", "2", "-o", out, "--seed", "100",
-    ]);
-    args.extend(extra);
-    latent(dir, &args)
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn records(dir: &Path) -> Vec<Record> {
-    let text = fs::read_to_string(dir.join("out").join(batch::MANIFEST_NAME)).unwrap();
-    text.lines()
-        .map(|l| serde_json::from_str(l).expect("manifest line"))
-        .collect()
-}
-
-fn pngs(dir: &Path) -> BTreeSet<String> {
-    fs::read_dir(dir.join("out"))
-        .map(|entries| {
-            entries
-                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-                .filter(|n| n.ends_with(".png"))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-fn write(dir: &Path, name: &str, text: &str) {
-    fs::write(dir.join(name), text).unwrap();
-}
 
 const TXT: &str = "\
 # two plain prompts, one AUTOMATIC1111 line
@@ -478,9 +417,9 @@ fn whole_file_problems_are_clear_errors_before_any_work() {
     for (flags, want) in [
         (
             &["--batch-size", "0"][..],
-            "--batch-size must be at least 1",
+            "--batch-size 0: must be at least 1",
         ),
-        (&["--repeat", "0"][..], "--repeat must be at least 1"),
+        (&["--repeat", "0"][..], "-n/--repeat 0: must be at least 1"),
         (&["--filename", "{index}.jpg"][..], "must end in .png"),
     ] {
         let o = run_batch(dir.path(), &["list.csv", "--format", "text"], flags);
@@ -592,12 +531,8 @@ fn interrupt_run(presses: usize) -> (Output, PathBuf, tempfile::TempDir) {
 fn assert_consistent(dir: &Path) {
     let recorded: BTreeSet<String> = records(dir).into_iter().map(|r| r.file).collect();
     assert_eq!(recorded, pngs(dir));
-    let hidden: Vec<String> = fs::read_dir(dir.join("out"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with('.'))
-        .collect();
-    assert!(hidden.is_empty(), "temporary files left: {hidden:?}");
+    let temps = temps(dir);
+    assert!(temps.is_empty(), "temporary files left: {temps:?}");
 }
 
 #[cfg(unix)]
@@ -646,6 +581,82 @@ fn a_second_ctrl_c_abandons_the_batch_cleanly() {
     let (out, _, dir) = interrupt_run(2);
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(130), "{err}");
-    assert!(err.contains("abandoning the current batch"), "{err}");
+    assert!(err.contains("interrupted again: quitting"), "{err}");
     assert_consistent(dir.path());
+}
+
+#[test]
+fn the_library_run_stops_after_the_batch_in_flight_when_cancelled() {
+    let model = load_tiny();
+    let dir = tempfile::tempdir().unwrap();
+    let file = batch::parse_prompt_text(
+        Path::new("p.txt"),
+        "--prompt a cat --n_iter 5\n",
+        Format::Text,
+    )
+    .unwrap();
+    let config = BatchConfig {
+        out_dir: dir.path().join("out"),
+        seed: Some(3),
+        new_seed: 0,
+        repeat: 1,
+        batch_size: 2,
+        max_images: None,
+        template: batch::DEFAULT_TEMPLATE.parse().unwrap(),
+        overwrite: false,
+        wait: false,
+        shard: None,
+    };
+    let sampling = Sampling {
+        width: 64,
+        height: 64,
+        steps: 2,
+        guidance: 7.5,
+        scheduler: "euler".parse().unwrap(),
+        karras: false,
+        rng: RngKind::Torch,
+        size_conditioning: Default::default(),
+        preview_every: None,
+    };
+    // The settings check comes first, before the folder is touched.
+    let bad = BatchConfig {
+        batch_size: 0,
+        ..config.clone()
+    };
+    let e = Batch::prepare(
+        &model,
+        bad,
+        std::slice::from_ref(&file),
+        "",
+        sampling.clone(),
+        Access::Write,
+    );
+    assert_eq!(
+        e.err().map(|e| e.to_string()),
+        Some("batch_size 0: must be at least 1".to_string())
+    );
+    assert!(!dir.path().join("out").exists());
+
+    let prepared = Batch::prepare(&model, config, &[file], "", sampling, Access::Write).unwrap();
+    assert_eq!(prepared.todo().len(), 5);
+    let cancel = Cancel::new();
+    let mut written = Vec::new();
+    let mut batches = 0;
+    let summary = prepared
+        .run(&cancel, &mut |event| match event {
+            BatchEvent::BatchStarted { .. } => batches += 1,
+            BatchEvent::Written { record, .. } => {
+                written.push(record.index);
+                // A server's stop button: asked while the first batch is being written.
+                cancel.request();
+            }
+            _ => {}
+        })
+        .unwrap();
+    assert_eq!(batches, 1);
+    assert_eq!(written, vec![0, 1], "the batch in flight is finished");
+    assert_eq!(summary.stop, Stop::Cancelled);
+    assert_eq!((summary.made, summary.left, summary.items), (2, 3, 5));
+    assert!(summary.stopped_early());
+    assert_eq!(records(dir.path()).len(), 2);
 }

@@ -1,6 +1,8 @@
 //! Helpers shared by the test crates that take `mod common;`.
 // Each test crate compiles its own copy and uses only some of these.
 #![allow(dead_code)]
+pub mod batch;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 

@@ -1,0 +1,50 @@
+//! Grouping items that can share a UNet batch.
+use crate::pipeline::Sampling;
+
+use super::plan::Job;
+
+/// Whether images with these settings can share one UNet batch: same size, steps, scheduler,
+/// Karras, guidance (the same guidance also means the same CFG doubling) and generator.
+/// Prompts, negative prompts and seeds may differ.
+pub fn same_batch(a: &Sampling, b: &Sampling) -> bool {
+    a.width == b.width
+        && a.height == b.height
+        && a.steps == b.steps
+        && a.scheduler == b.scheduler
+        && a.karras == b.karras
+        && a.guidance.to_bits() == b.guidance.to_bits()
+        && a.rng == b.rng
+}
+
+/// Jobs that can run together, in item order.
+#[derive(Debug, Clone)]
+pub struct Group<'a> {
+    pub jobs: Vec<&'a Job>,
+}
+
+impl<'a> Group<'a> {
+    /// The group's shared settings.
+    pub fn sampling(&self) -> &'a Sampling {
+        &self.jobs[0].sampling
+    }
+
+    /// The UNet batches: consecutive runs of at most `batch_size` jobs (`batch_size` >= 1).
+    pub fn batches(&self, batch_size: usize) -> std::slice::Chunks<'_, &'a Job> {
+        self.jobs.chunks(batch_size.max(1))
+    }
+}
+
+/// Groups jobs by [`same_batch`]: groups in the order their first job comes, jobs in order.
+pub fn group_jobs<'a>(jobs: impl IntoIterator<Item = &'a Job>) -> Vec<Group<'a>> {
+    let mut groups: Vec<Group<'a>> = Vec::new();
+    for job in jobs {
+        match groups
+            .iter_mut()
+            .find(|g| same_batch(g.sampling(), &job.sampling))
+        {
+            Some(g) => g.jobs.push(job),
+            None => groups.push(Group { jobs: vec![job] }),
+        }
+    }
+    groups
+}
