@@ -487,6 +487,53 @@ fn next_index<'a>(names: impl Iterator<Item = &'a str>) -> u64 {
         .map_or(0, |max| max.saturating_add(1))
 }
 
+/// The metadata of one image made by `model`: prompt, negative prompt, sampling settings and
+/// seed, then the VAE when replaced (A1111's `VAE` key), SDXL's size conditioning when set, and
+/// the noise generator.
+pub fn image_params(
+    model: &crate::pipeline::StableDiffusion,
+    prompt: &str,
+    negative_prompt: &str,
+    s: &crate::pipeline::Sampling,
+    seed: u64,
+) -> GenerationParams {
+    let mut extra = Vec::new();
+    if let Some(vae) = model.vae_name() {
+        extra.push(("VAE".into(), vae.to_string()));
+    }
+    // Only SDXL models accept size conditioning (`check_sampling`), so set sizes are theirs.
+    let c = &s.size_conditioning;
+    let size = |key: &str, v: Option<(usize, usize)>, sep: &str| {
+        v.map(|(a, b)| (key.to_string(), format!("{a}{sep}{b}")))
+    };
+    extra.extend(
+        [
+            size("Original size", c.original_size, "x"),
+            size("Crop top-left", c.crop_top_left, ","),
+            size("Target size", c.target_size, "x"),
+            size("Negative original size", c.negative_original_size, "x"),
+            size("Negative crop top-left", c.negative_crop_top_left, ","),
+            size("Negative target size", c.negative_target_size, "x"),
+        ]
+        .into_iter()
+        .flatten(),
+    );
+    extra.push(("RNG".into(), s.rng.to_string()));
+    GenerationParams {
+        prompt: prompt.to_string(),
+        negative_prompt: negative_prompt.to_string(),
+        steps: s.steps,
+        sampler: s.scheduler.a1111_name().to_string(),
+        schedule_type: s.karras.then(|| "Karras".to_string()),
+        cfg_scale: s.guidance,
+        seed,
+        width: s.width,
+        height: s.height,
+        model: model.name().to_string(),
+        extra,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

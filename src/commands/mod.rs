@@ -76,14 +76,12 @@ pub fn load_model(
 }
 
 /// Exit status of a run abandoned by a second Ctrl-C (128 + SIGINT, as shells report it).
-#[allow(dead_code)]
 const ABANDON_EXIT: i32 = 130;
 
 /// Ctrl-C for a run, through the library's one cancel flag: the first press asks the run to
 /// stop after the batch in flight; the second quits at once, but only between writes (it takes
 /// [`Cancel::writing`] first), so no output is left without its record. A handler that cannot
 /// be installed only warns.
-#[allow(dead_code)] // wired into batch and walk by their run loops
 pub fn stop_on_ctrl_c(cancel: &Cancel, progress: &Progress) {
     let flag = cancel.clone();
     let installed = ctrlc::set_handler(move || {
@@ -122,7 +120,7 @@ fn random_seed() -> u64 {
     h.finish() & 0xFFFF_FFFF
 }
 
-/// The image metadata for one image: prompt, negative prompt, sampling settings, seed.
+/// The image metadata for one image (see [`latent::output::image_params`]).
 pub fn params_for(
     model: &StableDiffusion,
     prompt: &str,
@@ -130,47 +128,7 @@ pub fn params_for(
     s: &Sampling,
     seed: u64,
 ) -> GenerationParams {
-    GenerationParams {
-        prompt: prompt.to_string(),
-        negative_prompt: negative_prompt.to_string(),
-        steps: s.steps,
-        sampler: s.scheduler.a1111_name().to_string(),
-        schedule_type: s.karras.then(|| "Karras".to_string()),
-        cfg_scale: s.guidance,
-        seed,
-        width: s.width,
-        height: s.height,
-        model: model.name().to_string(),
-        extra: extra_params(model, s),
-    }
-}
-
-/// Settings after AUTOMATIC1111's standard ones: the VAE when replaced (A1111's `VAE` key),
-/// SDXL's size conditioning when not the default, the noise generator.
-fn extra_params(model: &StableDiffusion, s: &Sampling) -> Vec<(String, String)> {
-    let mut extra = Vec::new();
-    if let Some(vae) = model.vae_name() {
-        extra.push(("VAE".into(), vae.to_string()));
-    }
-    // Only SDXL models accept size conditioning (`check_inputs`), so set sizes are theirs.
-    let c = &s.size_conditioning;
-    let size = |key: &str, v: Option<(usize, usize)>, sep: &str| {
-        v.map(|(a, b)| (key.to_string(), format!("{a}{sep}{b}")))
-    };
-    extra.extend(
-        [
-            size("Original size", c.original_size, "x"),
-            size("Crop top-left", c.crop_top_left, ","),
-            size("Target size", c.target_size, "x"),
-            size("Negative original size", c.negative_original_size, "x"),
-            size("Negative crop top-left", c.negative_crop_top_left, ","),
-            size("Negative target size", c.negative_target_size, "x"),
-        ]
-        .into_iter()
-        .flatten(),
-    );
-    extra.push(("RNG".into(), s.rng.to_string()));
-    extra
+    latent::output::image_params(model, prompt, negative_prompt, s, seed)
 }
 
 /// The library's sampling settings from the flags, with the model's defaults for size and

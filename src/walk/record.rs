@@ -5,13 +5,14 @@
 //! [`prepare_folder`] keeps it by deleting (only with `--overwrite`) any frame the new plan
 //! would change before it writes the new record, and frames are written atomically after it.
 use std::fs;
-use std::io;
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 use candle_core::DType;
 use serde::{Deserialize, Serialize};
 
-use super::{frame_file_name, frame_guidance, plan_frames, write_atomic, Keyframe, WalkSettings};
+use super::{frame_file_name, frame_guidance, plan_frames, Keyframe, WalkSettings};
+use crate::files::{self, Replace, LOCK_FILE};
 use crate::{Error, Result};
 
 /// Name of the record inside a walk folder.
@@ -232,8 +233,9 @@ pub fn write_record(dir: &Path, record: &WalkRecord) -> Result<()> {
         path: path.clone(),
         message: e.to_string(),
     })?;
-    write_atomic(&path, |tmp| {
-        fs::write(tmp, format!("{json}\n")).map_err(|e| Error::io(tmp, e))
+    files::write_atomic(&path, Replace::Overwrite, |file, tmp| {
+        file.write_all(format!("{json}\n").as_bytes())
+            .map_err(|e| Error::io(tmp, e))
     })
 }
 
@@ -261,8 +263,8 @@ pub struct FolderPlan {
 ///   the new plan, are refused unless `overwrite`, which deletes them. So a walk extended by
 ///   keyframes at the end keeps the frames it shares with the old one.
 ///
-/// Leftover temporary files of interrupted writes are removed. Two walks must not run in the
-/// same folder at once.
+/// Leftover temporary files of interrupted writes are removed. The caller holds the folder's
+/// [`crate::files::FolderLock`] (whose lock file is neither a foreign file nor ours to delete).
 pub fn prepare_folder(dir: &Path, new: &WalkRecord, overwrite: bool) -> Result<FolderPlan> {
     let n = new.frames.len();
     match fs::metadata(dir) {
@@ -284,14 +286,17 @@ pub fn prepare_folder(dir: &Path, new: &WalkRecord, overwrite: bool) -> Result<F
         }
         Err(e) => return Err(Error::io(dir, e)),
     }
+    // A killed run's half-written files; the caller holds the folder's lock, so none is live.
+    files::remove_temps(dir, |target| {
+        target == RECORD_FILE || frame_index(target).is_some() || is_animation_name(target)
+    })?;
     let names = list_names(dir)?;
-    remove_leftover_temps(dir, &names)?;
     let ours = |name: &str| frame_index(name).is_some() || is_animation_name(name);
     let refuse = |why: String| {
-        Err(Error::InvalidInput(format!(
-            "{}: {why}; pass --overwrite to replace it, or choose another folder with -o",
-            dir.display()
-        )))
+        Err(Error::Occupied {
+            path: dir.to_path_buf(),
+            reason: why,
+        })
     };
     // Every frame and animation of ours goes, and the new record takes the folder.
     let start_fresh = || -> Result<FolderPlan> {
@@ -318,7 +323,8 @@ pub fn prepare_folder(dir: &Path, new: &WalkRecord, overwrite: bool) -> Result<F
     let Some(old) = old else {
         let others: Vec<&String> = names
             .iter()
-            .filter(|n| !is_temp_name(n) && n.as_str() != PREVIEW_DIR && n.as_str() != RECORD_FILE)
+            // Our own temporary files are gone already: any left are someone else's.
+            .filter(|n| ![PREVIEW_DIR, RECORD_FILE, LOCK_FILE].contains(&n.as_str()))
             .collect();
         if !others.is_empty() && !overwrite {
             return refuse(format!(
@@ -417,6 +423,20 @@ pub fn next_walk_folder(parent: &Path) -> Result<PathBuf> {
     Ok(parent.join(format!("walk-{next}")))
 }
 
+/// Creates and returns a new `parent/walk-N` (N past the highest); creating it is the claim,
+/// so two runs starting together never share one (the loser takes the next N).
+pub fn claim_walk_folder(parent: &Path) -> Result<PathBuf> {
+    fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    loop {
+        let dir = next_walk_folder(parent)?;
+        match fs::create_dir(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(Error::io(&dir, e)),
+        }
+    }
+}
+
 /// Deletes the frames, animations and record of a walk folder (not the folder, nor other files).
 pub fn clean_folder(dir: &Path) -> Result<Vec<PathBuf>> {
     let names = list_names(dir)?;
@@ -469,20 +489,6 @@ fn is_animation_name(name: &str) -> bool {
     super::AnimationFormat::ALL
         .iter()
         .any(|f| f.file_name() == name)
-}
-
-/// Temporary files of our atomic writes: `.frame-00001.png.tmp-PID-N`, `.walk.gif.tmp-PID-N`.
-fn is_temp_name(name: &str) -> bool {
-    (name.starts_with(".frame-") || name.starts_with(".walk.")) && name.contains(".tmp-")
-}
-
-fn remove_leftover_temps(dir: &Path, names: &[String]) -> Result<()> {
-    let temps: Vec<PathBuf> = names
-        .iter()
-        .filter(|n| is_temp_name(n))
-        .map(|n| dir.join(n))
-        .collect();
-    remove_all(&temps)
 }
 
 fn remove_all(paths: &[PathBuf]) -> Result<()> {
@@ -602,9 +608,11 @@ mod tests {
         let mut s = settings();
         s.sampling.steps = 5;
         let r2 = record(&["a", "b"], 3, &s);
-        let err = prepare_folder(dir, &r2, false).unwrap_err().to_string();
+        let err = prepare_folder(dir, &r2, false).unwrap_err();
+        assert!(matches!(err, Error::Occupied { .. }), "{err}");
+        let err = err.to_string();
         assert!(
-            err.contains("steps 3, now 5") && err.contains("--overwrite"),
+            err.contains("steps 3, now 5") && err.contains("allow overwriting"),
             "{err}"
         );
         // Nothing was touched.
@@ -705,15 +713,27 @@ mod tests {
     }
 
     #[test]
-    fn leftover_temporary_files_are_removed_and_a_preview_folder_is_allowed() {
+    fn leftover_temporary_files_are_removed_and_a_preview_folder_and_the_lock_are_allowed() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path();
+        let _lock = files::FolderLock::acquire(dir, files::LockMode::Exclusive, false).unwrap();
         fs::create_dir(dir.join(PREVIEW_DIR)).unwrap();
         fs::write(dir.join(".frame-00001.png.tmp-77-0"), b"half").unwrap();
+        fs::write(dir.join(".walk.json.tmp-77-1"), b"{").unwrap();
+        // Another program's temporary file is not ours to delete.
+        fs::write(dir.join(".notes.txt.tmp-5-0"), b"x").unwrap();
         let r = record(&["a", "b"], 2, &settings());
+        let err = prepare_folder(dir, &r, false).unwrap_err();
+        assert!(err.to_string().contains(".notes.txt.tmp-5-0"), "{err}");
+        fs::remove_file(dir.join(".notes.txt.tmp-5-0")).unwrap();
         prepare_folder(dir, &r, false).unwrap();
         assert!(!dir.join(".frame-00001.png.tmp-77-0").exists());
+        assert!(!dir.join(".walk.json.tmp-77-1").exists());
         assert!(dir.join(PREVIEW_DIR).is_dir());
+        // Starting over (another walk, overwriting) keeps the lock file.
+        let other = record(&["c", "d"], 2, &settings());
+        prepare_folder(dir, &other, true).unwrap();
+        assert!(dir.join(LOCK_FILE).is_file());
     }
 
     #[test]

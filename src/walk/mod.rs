@@ -19,18 +19,17 @@
 mod animation;
 mod keyframes;
 mod record;
+mod run;
 
 use std::fmt;
-use std::path::Path;
 use std::str::FromStr;
 
 use candle_core::{DType, Device, Tensor};
 
 use crate::pipeline::{
-    Event, GenerateRequest, GeneratedImage, PromptEmbeddings, Sampling, StableDiffusion,
-    TextConditioning, Timings,
+    Event, GeneratedImage, PromptEmbeddings, Sampling, StableDiffusion, TextConditioning, Timings,
 };
-use crate::{Error, Result};
+use crate::{Error, Result, Setting};
 
 pub use animation::{check_ffmpeg, write_animation, AnimationFormat};
 pub use keyframes::{
@@ -38,9 +37,17 @@ pub use keyframes::{
     KeyframeFileError,
 };
 pub use record::{
-    clean_folder, find_walk_folder, next_walk_folder, prepare_folder, read_record, write_record,
-    FolderPlan, FrameRecord, WalkRecord, PREVIEW_DIR, RECORD_FILE,
+    claim_walk_folder, clean_folder, find_walk_folder, next_walk_folder, prepare_folder,
+    read_record, write_record, FolderPlan, FrameRecord, WalkRecord, PREVIEW_DIR, RECORD_FILE,
 };
+pub use run::{
+    check_config, run, FrameWritten, WalkConfig, WalkEvent, WalkFolder, WalkSummary, WalkTimings,
+};
+
+/// Most frames one walk may have, all segments together: far beyond any animation people
+/// watch (over two hours at 12 fps), and a bound that stops a typo (`frames = 100000000`) before
+/// the plan, the record and the folder scan grow with it.
+pub const MAX_FRAMES: usize = 100_000;
 
 /// Cosine above which two noise vectors count as parallel and slerp falls back to lerp
 /// (stable-diffusion-videos' `DOT_THRESHOLD`): there `sin(theta)` is too small to divide by, and
@@ -232,7 +239,27 @@ pub fn plan_frames(keyframes: &[Keyframe], looped: bool, ease: Ease) -> Result<V
         )));
     }
     let segments = if looped { k } else { k - 1 };
-    let mut frames = Vec::new();
+    // The total first, so an absurd count fails before anything is allocated for it.
+    let mut total: usize = usize::from(!looped);
+    for kf in keyframes.iter().take(segments) {
+        let n = kf.frames.unwrap_or(0);
+        if n > MAX_FRAMES {
+            return Err(Error::setting(
+                Setting::Frames,
+                n,
+                format!("a walk has at most {MAX_FRAMES} frames in all"),
+            ));
+        }
+        total = total.saturating_add(n);
+    }
+    if total > MAX_FRAMES {
+        return Err(Error::setting(
+            Setting::Frames,
+            total,
+            format!("a walk has at most {MAX_FRAMES} frames in all"),
+        ));
+    }
+    let mut frames = Vec::with_capacity(total);
     for (i, kf) in keyframes.iter().enumerate().take(segments) {
         let n = match kf.frames {
             Some(0) => {
@@ -454,9 +481,7 @@ impl<'m> Walk<'m> {
     /// can share one UNet call: consecutive in `todo` and with the same guidance.
     pub fn batches(&self, todo: &[usize], batch_size: usize) -> Result<Vec<Vec<usize>>> {
         if batch_size == 0 {
-            return Err(Error::InvalidInput(
-                "--batch-size must be at least 1".into(),
-            ));
+            return Err(Error::setting(Setting::BatchSize, 0, "must be at least 1"));
         }
         let mut out: Vec<Vec<usize>> = Vec::new();
         let mut last_guidance = None;
@@ -567,14 +592,7 @@ pub fn check_walk(
     let frames = plan_frames(keyframes, settings.looped, settings.ease)?;
     check_keyframes(keyframes)?;
     // Stage 0 with the settings every frame shares.
-    model.check_inputs(&GenerateRequest {
-        prompt: keyframes[0].prompt.clone(),
-        negative_prompt: keyframes[0].negative_prompt.clone(),
-        sampling: settings.sampling.clone(),
-        seeds: vec![keyframes[0].seed],
-        batch_size: 1,
-        latents: None,
-    })?;
+    model.check_sampling(&settings.sampling, 1)?;
     Ok(frames)
 }
 
@@ -606,12 +624,6 @@ fn check_keyframes(keyframes: &[Keyframe]) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// Writes a file through `write` (given a temporary path beside `path`), then replaces `path`
-/// with it (see [`crate::files::write_atomic`]).
-fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    crate::files::write_atomic(path, crate::files::Replace::Overwrite, |_, tmp| write(tmp))
 }
 
 /// Steps of a `--preview` render: a quarter of `steps`, but at least 4 (or `steps` itself when
