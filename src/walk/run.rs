@@ -429,3 +429,81 @@ fn per_frame(time: Duration, frames: usize) -> f64 {
         time.as_secs_f64() / frames as f64
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_disk_stops_the_walk_saying_what_is_on_disk() {
+        let dir = Path::new("out/walk-1");
+        let full = Error::io(
+            dir.join("frame-00003.png"),
+            std::io::Error::from(std::io::ErrorKind::StorageFull),
+        );
+        let e = stopped_by(full, dir, 3, 8);
+        assert!(e.is_disk_full(), "{e}");
+        let text = e.to_string();
+        assert!(
+            text.contains("no space left")
+                && text.contains("3 of 8 frames on disk in out/walk-1")
+                && !text.contains("--"),
+            "{text}"
+        );
+        // Other errors pass unchanged.
+        let other = stopped_by(Error::InvalidInput("bad".into()), dir, 3, 8);
+        assert_eq!(other.to_string(), "bad");
+    }
+
+    #[test]
+    fn config_checks_come_before_work() {
+        let kf = |frames| Keyframe {
+            prompt: "p".into(),
+            negative_prompt: String::new(),
+            seed: 1,
+            frames,
+            guidance: 7.5,
+        };
+        let config = WalkConfig {
+            keyframes: vec![kf(Some(2)), kf(None)],
+            reuse_recorded_seeds: false,
+            looped: false,
+            ease: Ease::Linear,
+            text_interp: Interp::Lerp,
+            preview: false,
+            batch_size: 1,
+            fps: 12.0,
+            formats: vec![],
+            folder: WalkFolder::At(PathBuf::from("unused")),
+            overwrite: false,
+            wait: false,
+        };
+        assert_eq!(check_config(&config).unwrap().len(), 3);
+        let setting_of = |c: &WalkConfig| match check_config(c) {
+            Err(Error::Setting { setting, .. }) => Some(setting),
+            _ => None,
+        };
+        let bad_batch = WalkConfig {
+            batch_size: 0,
+            ..config.clone()
+        };
+        assert_eq!(setting_of(&bad_batch), Some(Setting::BatchSize));
+        for fps in [0.0, -1.0, f64::NAN, 1000.5] {
+            let bad = WalkConfig {
+                fps,
+                ..config.clone()
+            };
+            assert_eq!(setting_of(&bad), Some(Setting::Fps), "{fps}");
+        }
+        let huge = WalkConfig {
+            keyframes: vec![kf(Some(100_000_000)), kf(None)],
+            ..config.clone()
+        };
+        assert_eq!(setting_of(&huge), Some(Setting::Frames));
+        let over = WalkConfig {
+            keyframes: vec![kf(Some(60_000)), kf(Some(60_000)), kf(None)],
+            ..config
+        };
+        assert_eq!(setting_of(&over), Some(Setting::Frames));
+    }
+}
