@@ -17,12 +17,13 @@
 //! frame is `generate --seed seed_a prompt_a` (for every scheduler but euler-a, whose step noise
 //! `generate` draws after the starting noise from the same generator).
 mod animation;
+mod folder;
 mod interp;
 mod keyframes;
 mod record;
 mod run;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 
 use crate::pipeline::{
     Event, GeneratedImage, PromptEmbeddings, Sampling, StableDiffusion, TextConditioning, Timings,
@@ -30,15 +31,15 @@ use crate::pipeline::{
 use crate::{Error, Result, Setting};
 
 pub use animation::{check_ffmpeg, write_animation, AnimationFormat};
+pub use folder::{
+    claim_walk_folder, clean_folder, find_walk_folder, next_walk_folder, prepare_folder, FolderPlan,
+};
 pub use interp::{lerp, slerp, Ease, Interp, PARALLEL_DOT};
 pub use keyframes::{
     keyframes_from_flags, parse_keyframes, read_keyframe_file, FileDefaults, Keyframe,
     KeyframeFileError,
 };
-pub use record::{
-    claim_walk_folder, clean_folder, find_walk_folder, next_walk_folder, prepare_folder,
-    read_record, write_record, FolderPlan, FrameRecord, WalkRecord, PREVIEW_DIR, RECORD_FILE,
-};
+pub use record::{read_record, write_record, FrameRecord, WalkRecord, PREVIEW_DIR, RECORD_FILE};
 pub use run::{
     check_config, run, FrameWritten, WalkConfig, WalkEvent, WalkFolder, WalkSummary, WalkTimings,
 };
