@@ -9,7 +9,7 @@ use serde::Serialize;
 use super::{
     check_ffmpeg, check_keyframes, check_walk, claim_walk_folder, find_walk_folder, plan_frames,
     prepare_folder, preview_steps, read_record, write_animation, write_record, AnimationFormat,
-    Ease, Frame, Interp, Keyframe, Walk, WalkRecord, WalkSettings, PREVIEW_DIR,
+    Ease, Frame, FrameRecord, Interp, Keyframe, Walk, WalkRecord, WalkSettings, PREVIEW_DIR,
 };
 use crate::files::{FolderLock, LockMode};
 use crate::output;
@@ -125,14 +125,9 @@ pub struct FrameWritten {
     /// Index in the plan, from 0.
     pub frame: usize,
     pub path: PathBuf,
-    /// The keyframes the frame lies between.
-    pub from: usize,
-    pub to: usize,
-    /// Linear and eased time between them.
-    pub t: f64,
-    pub eased_t: f64,
-    pub seed: u64,
-    pub guidance: f64,
+    /// The frame's entry in `walk.json` (keyframes, times, seed, guidance), inline.
+    #[serde(flatten)]
+    pub record: FrameRecord,
     /// The PNG's AUTOMATIC1111 parameters text.
     pub parameters: String,
 }
@@ -347,12 +342,7 @@ pub fn run(
                 on_event(WalkEvent::FrameWritten(FrameWritten {
                     frame: k,
                     path,
-                    from: f.from,
-                    to: f.to,
-                    t: f.t,
-                    eased_t: f.eased_t,
-                    seed: f.seed,
-                    guidance: f.guidance,
+                    record: f.clone(),
                     parameters,
                 }));
             }
