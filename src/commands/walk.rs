@@ -163,10 +163,14 @@ pub fn walk(args: WalkArgs) -> Result<()> {
 }
 
 /// One JSON line on stdout (typed values always serialize; a failure would be a bug, reported
-/// rather than hidden).
+/// rather than hidden). A reader that went away (`| head`) does not stop the walk: its frames
+/// are on disk either way.
 fn print_json(value: &impl serde::Serialize) {
+    use std::io::Write;
     match serde_json::to_string(value) {
-        Ok(line) => println!("{line}"),
+        Ok(line) => {
+            let _ = writeln!(std::io::stdout().lock(), "{line}");
+        }
         Err(e) => eprintln!("warning: cannot write JSON: {e}"),
     }
 }
