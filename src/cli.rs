@@ -297,6 +297,9 @@ pub struct WalkArgs {
     /// Replace a walk folder holding a different walk (or files in the way).
     #[arg(long)]
     pub overwrite: bool,
+    /// Wait for another run using the walk folder to finish instead of failing at once.
+    #[arg(long)]
+    pub wait: bool,
     /// Render a quick draft into <folder>/preview/ (same size, a quarter of the steps, at least
     /// 4) and stop; run again without --preview for the full walk.
     #[arg(long)]
@@ -384,6 +387,10 @@ pub fn describe(e: &Error) -> String {
             format!("{e}; pass --overwrite to replace it")
         }
         Error::InUse { .. } => format!("{e}; pass --wait to wait for it"),
+        Error::Occupied { path, reason } => format!(
+            "{}: {reason}; pass --overwrite to replace it, or choose another folder with -o",
+            path.display()
+        ),
         other => other.to_string(),
     }
 }

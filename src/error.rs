@@ -78,6 +78,19 @@ pub enum Error {
     /// The disk is full: the run stops at the first such write.
     #[error("{path}: no space left on device")]
     DiskFull { path: PathBuf },
+    /// An output folder holds files of another run (or another walk) that this run would
+    /// replace; only overwriting, which the caller must ask for, replaces them.
+    #[error("{path}: {reason}; allow overwriting to replace it, or choose another folder")]
+    Occupied { path: PathBuf, reason: String },
+    /// A run stopped on an error after part of its work was on disk (e.g. a full disk): says
+    /// how much, so the user knows that running it again resumes.
+    #[error("{source}; stopped with {done} of {total} frames on disk in {path}; run it again to resume once that is fixed")]
+    Stopped {
+        path: PathBuf,
+        done: usize,
+        total: usize,
+        source: Box<Error>,
+    },
     /// An image could not be encoded, decoded or written.
     #[error("{path}: {message}")]
     Image { path: PathBuf, message: String },
@@ -225,6 +238,7 @@ impl Error {
     pub fn is_disk_full(&self) -> bool {
         match self {
             Error::DiskFull { .. } => true,
+            Error::Stopped { source, .. } => source.is_disk_full(),
             Error::Io { source, .. } => is_disk_full(source),
             _ => false,
         }

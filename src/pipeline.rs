@@ -1002,7 +1002,12 @@ impl StableDiffusion {
     /// count and batch size, the starting latents, and the sampling settings
     /// ([`Self::check_sampling`]).
     pub fn check_inputs(&self, req: &GenerateRequest) -> Result<()> {
-        check_request(&req.prompt, &req.negative_prompt, req.seeds.len(), req.batch_size)?;
+        check_request(
+            &req.prompt,
+            &req.negative_prompt,
+            req.seeds.len(),
+            req.batch_size,
+        )?;
         let s = &req.sampling;
         self.check_sampling(s, req.batch_size.min(req.seeds.len()))?;
         if let Some(l) = &req.latents {

@@ -168,3 +168,81 @@ impl Progress {
         }
     }
 }
+
+/// One bar over every frame x step still to render, with an ETA.
+pub struct FrameBar {
+    quiet: bool,
+    bar: Option<ProgressBar>,
+    total: usize,
+}
+
+impl FrameBar {
+    /// `quiet` draws nothing (warnings still go to stderr).
+    pub fn new(quiet: bool) -> Self {
+        FrameBar {
+            quiet,
+            bar: None,
+            total: 0,
+        }
+    }
+
+    /// `frames` to render at `steps` each, out of `total` frames in the walk.
+    pub fn start(&mut self, frames: usize, steps: usize, total: usize) {
+        self.total = total;
+        if self.quiet {
+            return;
+        }
+        let bar = ProgressBar::with_draw_target(
+            Some((frames * steps) as u64),
+            ProgressDrawTarget::stderr(),
+        );
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{msg} [{bar:30}] {pos}/{len} frame-steps {elapsed_precise} ETA {eta}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        self.bar = Some(bar);
+    }
+
+    /// Names the frames of the batch in flight.
+    pub fn label(&self, batch: &[usize]) {
+        let Some(bar) = &self.bar else { return };
+        let (first, last) = match (batch.first(), batch.last()) {
+            (Some(&f), Some(&l)) => (f + 1, l + 1),
+            _ => return,
+        };
+        bar.set_message(if first == last {
+            format!("frame {first} of {}", self.total)
+        } else if last - first + 1 == batch.len() {
+            format!("frames {first}-{last} of {}", self.total)
+        } else {
+            format!("{} frames of {} from {first}", batch.len(), self.total)
+        });
+    }
+
+    /// Advances on pipeline steps; prints warnings above the bar.
+    pub fn event(&mut self, event: Event) {
+        match event {
+            // One step of a batch advances every frame in it.
+            Event::Step { batch, .. } => {
+                if let Some(bar) = &self.bar {
+                    bar.inc(batch as u64);
+                }
+            }
+            Event::Warning(w) => match &self.bar {
+                Some(bar) => bar.suspend(|| eprintln!("warning: {w}")),
+                None => eprintln!("warning: {w}"),
+            },
+            _ => {}
+        }
+    }
+
+    /// Clears the bar.
+    pub fn finish(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+    }
+}

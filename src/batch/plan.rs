@@ -183,4 +183,3 @@ pub fn validate_job(model: &StableDiffusion, job: &Job) -> Result<()> {
     crate::pipeline::check_prompts(&job.prompt, &job.negative_prompt)?;
     model.check_sampling(&job.sampling, 1)
 }
-

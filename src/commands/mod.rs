@@ -121,7 +121,7 @@ fn random_seed() -> u64 {
     h.finish() & 0xFFFF_FFFF
 }
 
-/// The image metadata for one image: prompt, negative prompt, sampling settings, seed.
+/// The image metadata for one image (see [`GenerationParams::for_image`]).
 pub fn params_for(
     model: &StableDiffusion,
     prompt: &str,

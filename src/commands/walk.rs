@@ -1,18 +1,15 @@
-//! `latent walk`: keyframes in, a folder of frames, `walk.json` and animations out; resumable.
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+//! `latent walk`: builds a walk run from the flags, shows its progress, prints its summary.
+use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use latent::output;
-use latent::pipeline::{Event, Residency, Timings};
-use latent::walk::{self, AnimationFormat, FileDefaults, Keyframe, Walk, WalkRecord, WalkSettings};
+use anyhow::{bail, Result};
+use latent::pipeline::Residency;
+use latent::walk::{self, FileDefaults, WalkConfig, WalkEvent, WalkFolder};
+use latent::Cancel;
 
-use super::{load_model, params_for, random_seed, sampling_for};
+use super::{load_model, random_seed, sampling_for, stop_on_ctrl_c};
 use crate::cli::WalkArgs;
-use crate::progress::Progress;
+use crate::progress::{FrameBar, Progress};
 
 /// Frames between keyframes when neither `--frames` nor the keyframe file says.
 const DEFAULT_FRAMES: usize = 24;
@@ -23,40 +20,16 @@ const OUTPUTS: &str = "outputs";
 /// `latent walk`.
 pub fn walk(args: WalkArgs) -> Result<()> {
     let started = Instant::now();
-    // Cheap checks first: a bad flag or keyframe file fails before the model loads.
-    if args.batch_size == 0 {
-        bail!("--batch-size must be at least 1");
-    }
-    if !(args.fps.is_finite() && args.fps > 0.0 && args.fps <= 1000.0) {
-        bail!(
-            "--fps {}: must be a number above 0 and at most 1000",
-            args.fps
-        );
-    }
-    if args.frames == Some(0) {
-        bail!("--frames must be at least 1");
-    }
-    let mut formats = vec![AnimationFormat::Gif];
-    for f in &args.formats {
-        if !formats.contains(f) {
-            formats.push(*f);
-        }
-    }
-    if formats.contains(&AnimationFormat::Mp4) {
-        walk::check_ffmpeg()?;
-    }
     let s = &args.sampling;
-    let (mut keyframes, seeds_given) = match &args.keyframes {
+    let (keyframes, seeds_given) = match &args.keyframes {
         Some(path) => {
             let defaults = FileDefaults {
                 frames: args.frames,
                 negative_prompt: s.negative_prompt.clone(),
                 guidance: s.guidance,
             };
-            (
-                walk::read_keyframe_file(path, &defaults, args.looped)?,
-                true,
-            )
+            let k = walk::read_keyframe_file(path, &defaults, args.looped)?;
+            (k, true)
         }
         None => {
             let given = !args.seeds.is_empty();
@@ -82,308 +55,122 @@ pub fn walk(args: WalkArgs) -> Result<()> {
             (k, given)
         }
     };
-    walk::plan_frames(&keyframes, args.looped, args.ease)?;
+    let config = WalkConfig {
+        keyframes,
+        reuse_recorded_seeds: !seeds_given,
+        looped: args.looped,
+        ease: args.ease,
+        text_interp: args.text_interp,
+        preview: args.preview,
+        batch_size: args.batch_size,
+        fps: args.fps,
+        formats: args.formats.clone(),
+        folder: match &args.output {
+            Some(dir) => WalkFolder::At(dir.clone()),
+            None => WalkFolder::Under(PathBuf::from(OUTPUTS)),
+        },
+        overwrite: args.overwrite,
+        wait: args.wait,
+    };
+    // Cheap checks first: a bad flag or keyframe file fails before the model loads.
+    walk::check_config(&config)?;
 
     let mut progress = Progress::new(args.quiet);
     let model = load_model(&args.model, Residency::Resident, &mut progress)?;
     progress.finish();
     let load_time = started.elapsed();
-    let full = WalkSettings {
-        sampling: sampling_for(&model, &args.sampling)?,
-        looped: args.looped,
-        ease: args.ease,
-        text_interp: args.text_interp,
-    };
-    let mut preview = full.clone();
-    preview.sampling.steps = walk::preview_steps(full.sampling.steps);
-    let settings = if args.preview { &preview } else { &full };
-    walk::check_walk(&model, &keyframes, settings)?;
-    let record_for = |k: &[Keyframe], s: &WalkSettings| {
-        WalkRecord::new(model.name(), model.dtype(), k, s, args.fps)
-    };
+    let sampling = sampling_for(&model, &args.sampling)?;
 
-    // The walk folder: -o, else the newest outputs/walk-N holding this walk (so the same command
-    // resumes), else a new one. Without --seed, the seed recorded there is reused.
-    let (full_record, preview_record) = (
-        record_for(&keyframes, &full)?,
-        record_for(&keyframes, &preview)?,
-    );
-    let matches = |rec: &WalkRecord, is_preview: bool| {
-        let ours = if is_preview {
-            &preview_record
-        } else {
-            &full_record
-        };
-        rec.same_walk(ours, !seeds_given)
-    };
-    let (root, found) = match &args.output {
-        Some(dir) => {
-            let found = [(dir.clone(), false), (dir.join(walk::PREVIEW_DIR), true)]
-                .into_iter()
-                .find_map(|(d, p)| match walk::read_record(&d) {
-                    Ok(Some(rec)) if matches(&rec, p) => Some(rec),
-                    _ => None,
-                });
-            (dir.clone(), found)
-        }
-        None => match walk::find_walk_folder(Path::new(OUTPUTS), &matches)? {
-            Some((dir, rec)) => (dir, Some(rec)),
-            None => (walk::next_walk_folder(Path::new(OUTPUTS))?, None),
-        },
-    };
-    if let (false, Some(rec)) = (seeds_given, &found) {
-        for (k, old) in keyframes.iter_mut().zip(&rec.keyframes) {
-            k.seed = old.seed;
-        }
-    }
-    let record = record_for(&keyframes, settings)?;
-    let dir = if args.preview {
-        root.join(walk::PREVIEW_DIR)
-    } else {
-        root.clone()
-    };
-    let folder = walk::prepare_folder(&dir, &record, args.overwrite)?;
-    let todo: Vec<usize> = (0..record.frames.len())
-        .filter(|&i| !folder.done[i])
-        .collect();
-    let total = record.frames.len();
-    if !args.quiet && !args.json {
-        let kept = total - todo.len();
-        let what = if args.preview {
-            "preview of walk"
-        } else {
-            "walk"
-        };
-        eprintln!(
-            "{what}: {} keyframes, {total} frames ({kept} on disk, {} to render) in {}",
-            keyframes.len(),
-            todo.len(),
-            dir.display()
-        );
-        if args.preview {
-            eprintln!(
-                "preview: {} steps instead of {}; run again without --preview for the full walk",
-                settings.sampling.steps, full.sampling.steps
-            );
-        }
-    }
-
-    let interrupted = Arc::new(AtomicBool::new(false));
-    let mut timings = Timings::default();
-    let mut rendered = 0usize;
-    let render_started = Instant::now();
-    if !todo.is_empty() {
-        let flag = interrupted.clone();
-        // A second Ctrl-C quits at once: frame files are written atomically, so even then no
-        // partial frame is left (a hidden temporary file at most, removed by the next run).
-        let handler = ctrlc::set_handler(move || {
-            if flag.swap(true, Ordering::SeqCst) {
-                std::process::exit(130);
-            }
-            eprintln!("\nstopping after the current batch (Ctrl-C again to quit now)");
-        });
-        if let Err(e) = handler {
-            progress.println(&format!(
-                "warning: cannot catch Ctrl-C ({e}); interrupting may lose the batch in flight"
-            ));
-        }
-
-        let mut bar = FrameBar::new(args.quiet);
-        let prepare_started = Instant::now();
-        let w = Walk::new(&model, keyframes.clone(), settings.clone(), &mut |e| {
-            bar.event(e)
-        })?;
-        // Text encoding of every keyframe (and drawing their noise), once per walk.
-        timings.text_encode = prepare_started.elapsed();
-        let per_frame = model
-            .scheduler(
-                settings.sampling.scheduler,
-                settings.sampling.steps,
-                settings.sampling.karras,
-            )?
-            .timesteps()
-            .len();
-        bar.start(todo.len(), per_frame, total);
-        for batch in w.batches(&todo, args.batch_size)? {
-            if interrupted.load(Ordering::SeqCst) {
-                break;
-            }
-            bar.label(&batch);
-            let images = w.render(&batch, &mut timings, &mut |e| bar.event(e))?;
-            for (&k, image) in batch.iter().zip(&images) {
-                let f = &record.frames[k];
-                let kf = &keyframes[f.from];
-                let mut s = settings.sampling.clone();
-                s.guidance = f.guidance;
-                let mut params = params_for(&model, &kf.prompt, &kf.negative_prompt, &s, f.seed);
-                params.extra.extend(w.frame_metadata(k)?);
-                let path = dir.join(&f.file);
-                output::write_png(
-                    &path,
-                    &image.rgb,
-                    image.width as u32,
-                    image.height as u32,
-                    &params.to_a1111(),
-                    args.overwrite,
-                )?;
-                rendered += 1;
-                if args.json {
-                    let line = serde_json::json!({
-                        "frame": k,
-                        "path": path,
-                        "from": f.from,
-                        "to": f.to,
-                        "t": f.t,
-                        "eased_t": f.eased_t,
-                        "seed": f.seed,
-                        "guidance": f.guidance,
-                        "parameters": params.to_a1111(),
-                    });
-                    println!("{line}");
+    let cancel = Cancel::new();
+    stop_on_ctrl_c(&cancel, &progress);
+    let talk = !args.quiet && !args.json;
+    let mut bar = FrameBar::new(args.quiet);
+    let mut on_event = |event: WalkEvent| match event {
+        WalkEvent::Planned {
+            dir,
+            keyframes,
+            total,
+            todo,
+            steps,
+            full_steps,
+            steps_per_frame,
+        } => {
+            if talk {
+                let what = if args.preview {
+                    "preview of walk"
+                } else {
+                    "walk"
+                };
+                eprintln!(
+                    "{what}: {keyframes} keyframes, {total} frames ({} on disk, {todo} to render) \
+                     in {}",
+                    total - todo,
+                    dir.display()
+                );
+                if args.preview {
+                    eprintln!(
+                        "preview: {steps} steps instead of {full_steps}; run again without \
+                         --preview for the full walk"
+                    );
                 }
             }
+            if todo > 0 {
+                bar.start(todo, steps_per_frame, total);
+            }
         }
-        bar.finish();
-    }
-    let render_time = render_started.elapsed();
-    if interrupted.load(Ordering::SeqCst) && rendered < todo.len() {
+        WalkEvent::BatchStarted { frames } => bar.label(&frames),
+        WalkEvent::Pipeline(e) => bar.event(e),
+        WalkEvent::FrameWritten(frame) => {
+            if args.json {
+                print_json(&frame);
+            }
+        }
+        WalkEvent::AnimationWritten { .. } => bar.finish(),
+    };
+    let result = walk::run(&model, &config, &sampling, &cancel, &mut on_event);
+    bar.finish();
+    let mut summary = result?;
+    if summary.stopped {
         bail!(
-            "interrupted: {} of {total} frames are on disk in {}; run the same command again to \
+            "interrupted: {} of {} frames are on disk in {}; run the same command again to \
              render the rest",
-            total - todo.len() + rendered,
-            dir.display()
+            summary.on_disk(),
+            summary.frames,
+            summary.walk.display()
         );
     }
-
-    // Animations from the frame files: they hold every frame, rendered now or before.
-    let animations_started = Instant::now();
-    let mut written = Vec::new();
-    for format in &formats {
-        let name = format.file_name();
-        let path = dir.join(&name);
-        let still_valid = todo.is_empty() && folder.animations.contains(&name) && path.is_file();
-        if !still_valid {
-            walk::write_animation(*format, &dir, total, args.fps, &path)
-                .with_context(|| format!("writing {}", path.display()))?;
-        }
-        written.push(name);
-    }
-    let animations_time = animations_started.elapsed();
-    let mut final_record = record.clone();
-    final_record.animations = written.clone();
-    walk::write_record(&dir, &final_record)?;
-
-    let seconds_per_frame = if rendered > 0 {
-        render_time.as_secs_f64() / rendered as f64
-    } else {
-        0.0
-    };
+    summary.timings.load_s = load_time.as_secs_f64();
+    summary.timings.total_s = started.elapsed().as_secs_f64();
     if args.json {
-        let summary = serde_json::json!({
-            "walk": dir,
-            "frames": total,
-            "rendered": rendered,
-            "skipped": total - todo.len(),
-            "animations": written.iter().map(|n| dir.join(n)).collect::<Vec<PathBuf>>(),
-            "preview": args.preview,
-            "steps": settings.sampling.steps,
-            "batch_size": args.batch_size,
-            "model": model.name(),
-            "timings": {
-                "load_s": load_time.as_secs_f64(),
-                "render_s": render_time.as_secs_f64(),
-                "seconds_per_frame": seconds_per_frame,
-                "text_encode_s": timings.text_encode.as_secs_f64(),
-                "denoise_s": timings.denoise.as_secs_f64(),
-                "decode_s": timings.decode.as_secs_f64(),
-                "animations_s": animations_time.as_secs_f64(),
-                "total_s": started.elapsed().as_secs_f64(),
-            },
-        });
-        println!("{summary}");
+        print_json(&summary);
     } else if !args.quiet {
+        let names: Vec<String> = summary
+            .animations
+            .iter()
+            .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .collect();
         eprintln!(
-            "wrote {} ({rendered} frames rendered at {seconds_per_frame:.2}s/frame, {} kept) and {} in {:.1}s",
-            dir.display(),
-            total - todo.len(),
-            written.join(", "),
-            started.elapsed().as_secs_f64()
+            "wrote {} ({} frames rendered at {:.2}s/frame, {} kept) and {} in {:.1}s",
+            summary.walk.display(),
+            summary.rendered,
+            summary.timings.seconds_per_frame,
+            summary.skipped,
+            names.join(", "),
+            summary.timings.total_s
         );
     }
     Ok(())
 }
 
-/// One bar over every frame x step still to render, with an ETA.
-struct FrameBar {
-    quiet: bool,
-    bar: Option<ProgressBar>,
-    total: usize,
-}
-
-impl FrameBar {
-    fn new(quiet: bool) -> Self {
-        FrameBar {
-            quiet,
-            bar: None,
-            total: 0,
+/// One JSON line on stdout (typed values always serialize; a failure would be a bug, reported
+/// rather than hidden). A reader that went away (`| head`) does not stop the walk: its frames
+/// are on disk either way.
+fn print_json(value: &impl serde::Serialize) {
+    use std::io::Write;
+    match serde_json::to_string(value) {
+        Ok(line) => {
+            let _ = writeln!(std::io::stdout().lock(), "{line}");
         }
-    }
-
-    /// `frames` to render at `steps` each, out of `total` frames in the walk.
-    fn start(&mut self, frames: usize, steps: usize, total: usize) {
-        self.total = total;
-        if self.quiet {
-            return;
-        }
-        let bar = ProgressBar::with_draw_target(
-            Some((frames * steps) as u64),
-            ProgressDrawTarget::stderr(),
-        );
-        bar.set_style(
-            ProgressStyle::with_template(
-                "{msg} [{bar:30}] {pos}/{len} frame-steps {elapsed_precise} ETA {eta}",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
-        );
-        self.bar = Some(bar);
-    }
-
-    /// Names the frames of the batch in flight.
-    fn label(&self, batch: &[usize]) {
-        let Some(bar) = &self.bar else { return };
-        let (first, last) = match (batch.first(), batch.last()) {
-            (Some(&f), Some(&l)) => (f + 1, l + 1),
-            _ => return,
-        };
-        bar.set_message(if first == last {
-            format!("frame {first} of {}", self.total)
-        } else if last - first + 1 == batch.len() {
-            format!("frames {first}-{last} of {}", self.total)
-        } else {
-            format!("{} frames of {} from {first}", batch.len(), self.total)
-        });
-    }
-
-    fn event(&mut self, event: Event) {
-        match event {
-            // One step of a batch advances every frame in it.
-            Event::Step { batch, .. } => {
-                if let Some(bar) = &self.bar {
-                    bar.inc(batch as u64);
-                }
-            }
-            Event::Warning(w) => match &self.bar {
-                Some(bar) => bar.suspend(|| eprintln!("warning: {w}")),
-                None => eprintln!("warning: {w}"),
-            },
-            _ => {}
-        }
-    }
-
-    fn finish(&mut self) {
-        if let Some(bar) = self.bar.take() {
-            bar.finish_and_clear();
-        }
+        Err(e) => eprintln!("warning: cannot write JSON: {e}"),
     }
 }

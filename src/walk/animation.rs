@@ -14,8 +14,9 @@ use image::codecs::gif::{GifEncoder, Repeat};
 use image::codecs::webp::WebPEncoder;
 use image::{Delay, ExtendedColorType, RgbImage};
 
-use super::{frame_file_name, write_atomic};
-use crate::{Error, Result};
+use super::frame_file_name;
+use crate::files::{write_atomic, Replace};
+use crate::{Error, Result, Setting};
 
 /// An animation file a walk can write; GIF is always written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -89,18 +90,24 @@ pub fn check_ffmpeg() -> Result<()> {
         .status()
     {
         Ok(status) if status.success() => Ok(()),
-        Ok(status) => Err(Error::InvalidInput(format!(
-            "--format mp4: `ffmpeg -version` failed ({status}); fix the ffmpeg install or use \
-             --format webp or apng"
-        ))),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Error::InvalidInput(
-            "--format mp4 needs ffmpeg, which is not on PATH: install it (e.g. `apt install \
-             ffmpeg`, `brew install ffmpeg`) or use --format webp or apng"
-                .into(),
+        Ok(status) => Err(Error::setting(
+            Setting::Format,
+            "mp4",
+            format!(
+                "`ffmpeg -version` failed ({status}); fix the ffmpeg install or use webp or apng"
+            ),
         )),
-        Err(e) => Err(Error::InvalidInput(format!(
-            "--format mp4: cannot run ffmpeg: {e}"
-        ))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Error::setting(
+            Setting::Format,
+            "mp4",
+            "needs ffmpeg, which is not on PATH: install it (e.g. `apt install ffmpeg`, `brew \
+             install ffmpeg`) or use webp or apng",
+        )),
+        Err(e) => Err(Error::setting(
+            Setting::Format,
+            "mp4",
+            format!("cannot run ffmpeg: {e}"),
+        )),
     }
 }
 
@@ -117,18 +124,27 @@ pub fn write_animation(
         return Err(Error::InvalidInput("an animation needs frames".into()));
     }
     if !(fps.is_finite() && fps > 0.0) {
-        return Err(Error::InvalidInput(format!(
-            "--fps {fps}: must be a positive number"
-        )));
+        return Err(Error::setting(
+            Setting::Fps,
+            fps,
+            "must be a positive number",
+        ));
     }
     let frames = || (0..count).map(|i| dir.join(frame_file_name(i)));
     match format {
-        AnimationFormat::Gif => write_atomic(out, |tmp| write_gif(frames(), fps, tmp, out)),
-        AnimationFormat::Webp => write_atomic(out, |tmp| write_webp(frames(), fps, tmp, out)),
-        AnimationFormat::Apng => {
-            write_atomic(out, |tmp| write_apng(frames(), count, fps, tmp, out))
-        }
-        AnimationFormat::Mp4 => write_atomic(out, |tmp| write_mp4(dir, count, fps, tmp)),
+        AnimationFormat::Gif => write_atomic(out, Replace::Overwrite, |file, tmp| {
+            write_gif(frames(), fps, file, tmp, out)
+        }),
+        AnimationFormat::Webp => write_atomic(out, Replace::Overwrite, |file, tmp| {
+            write_webp(frames(), fps, file, tmp, out)
+        }),
+        AnimationFormat::Apng => write_atomic(out, Replace::Overwrite, |file, tmp| {
+            write_apng(frames(), count, fps, file, tmp, out)
+        }),
+        // ffmpeg writes the temporary file by its path (opening it anew, `-y`).
+        AnimationFormat::Mp4 => write_atomic(out, Replace::Overwrite, |_, tmp| {
+            write_mp4(dir, count, fps, tmp)
+        }),
     }
 }
 
@@ -173,10 +189,10 @@ fn frame_ms(fps: f64) -> u32 {
 fn write_gif(
     frames: impl Iterator<Item = std::path::PathBuf>,
     fps: f64,
+    file: &mut File,
     tmp: &Path,
     out: &Path,
 ) -> Result<()> {
-    let file = File::create(tmp).map_err(|e| Error::io(tmp, e))?;
     let mut writer = BufWriter::new(file);
     {
         // Speed 10 of NeuQuant's 1..30: close to the best palette at a fraction of the time.
@@ -194,10 +210,8 @@ fn write_gif(
         }
         // Dropping the encoder writes the GIF trailer into `writer`.
     }
-    let file = writer
-        .into_inner()
-        .map_err(|e| Error::io(tmp, e.into_error()))?;
-    file.sync_all().map_err(|e| Error::io(tmp, e))
+    // write_atomic syncs the file before moving it into place.
+    writer.flush().map_err(|e| Error::io(tmp, e))
 }
 
 /// Animated WebP: the RIFF container of the WebP spec (`VP8X` with the animation flag, `ANIM`,
@@ -205,6 +219,7 @@ fn write_gif(
 fn write_webp(
     frames: impl Iterator<Item = std::path::PathBuf>,
     fps: f64,
+    file: &mut File,
     tmp: &Path,
     out: &Path,
 ) -> Result<()> {
@@ -246,17 +261,14 @@ fn write_webp(
     let riff_size = u32::try_from(body.len())
         .map_err(|_| image_error(out, "WebP", "animation larger than 4 GiB"))?;
 
-    let file = File::create(tmp).map_err(|e| Error::io(tmp, e))?;
     let mut writer = BufWriter::new(file);
     writer
         .write_all(b"RIFF")
         .and_then(|_| writer.write_all(&riff_size.to_le_bytes()))
         .and_then(|_| writer.write_all(&body))
         .map_err(|e| Error::io(tmp, e))?;
-    let file = writer
-        .into_inner()
-        .map_err(|e| Error::io(tmp, e.into_error()))?;
-    file.sync_all().map_err(|e| Error::io(tmp, e))
+    // write_atomic syncs the file before moving it into place.
+    writer.flush().map_err(|e| Error::io(tmp, e))
 }
 
 /// 24-bit little-endian field of the WebP container (values are < 2^24 by construction:
@@ -302,6 +314,7 @@ fn write_apng(
     frames: impl Iterator<Item = std::path::PathBuf>,
     count: usize,
     fps: f64,
+    file: &mut File,
     tmp: &Path,
     out: &Path,
 ) -> Result<()> {
@@ -321,7 +334,6 @@ fn write_apng(
         (frame_ms(fps).min(u32::from(u16::MAX)) as u16, 1000)
     };
 
-    let file = File::create(tmp).map_err(|e| Error::io(tmp, e))?;
     let mut out_file = BufWriter::new(file);
     {
         let mut encoder = png::Encoder::new(&mut out_file, w, h);
@@ -341,10 +353,7 @@ fn write_apng(
         }
         writer.finish().map_err(encode_error)?;
     }
-    let file = out_file
-        .into_inner()
-        .map_err(|e| Error::io(tmp, e.into_error()))?;
-    file.sync_all().map_err(|e| Error::io(tmp, e))
+    out_file.flush().map_err(|e| Error::io(tmp, e))
 }
 
 /// H.264 in MP4 (yuv420p, CRF 18: visually lossless and playable everywhere) by ffmpeg, reading
@@ -365,9 +374,11 @@ fn write_mp4(dir: &Path, count: usize, fps: f64, tmp: &Path) -> Result<()> {
         Ok(o) => o,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return check_ffmpeg(),
         Err(e) => {
-            return Err(Error::InvalidInput(format!(
-                "--format mp4: cannot run ffmpeg: {e}"
-            )))
+            return Err(Error::setting(
+                Setting::Format,
+                "mp4",
+                format!("cannot run ffmpeg: {e}"),
+            ))
         }
     };
     if !output.status.success() {

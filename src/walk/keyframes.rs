@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
-use crate::{Error, Result};
+use super::MAX_FRAMES;
+use crate::{Error, Result, Setting};
 
 /// One stop of a walk.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -42,7 +43,8 @@ pub fn keyframes_from_flags(
     let pairs: Vec<(&String, u64)> = match (prompts.len(), seeds.len()) {
         (0, _) => {
             return Err(Error::InvalidInput(
-                "no prompt: give --prompt (several to walk the text) or a keyframe file".into(),
+                "no prompt: a walk needs prompts (several to walk the text) or a keyframe file"
+                    .into(),
             ))
         }
         (_, 0) => return Err(Error::InvalidInput("no seed given".into())),
@@ -58,11 +60,11 @@ pub fn keyframes_from_flags(
     };
     if pairs.len() < 2 {
         return Err(Error::InvalidInput(
-            "a walk needs at least two keyframes: repeat --prompt or --seed".into(),
+            "a walk needs at least two keyframes: give several prompts or several seeds".into(),
         ));
     }
     if frames == 0 {
-        return Err(Error::InvalidInput("--frames must be at least 1".into()));
+        return Err(Error::setting(Setting::Frames, 0, "must be at least 1"));
     }
     Ok(pairs
         .into_iter()
@@ -183,6 +185,14 @@ pub fn parse_keyframes(
                 Some(f.span()),
                 "frames must be at least 1".to_string(),
             ))
+        } else if *f.get_ref() > MAX_FRAMES {
+            Err(error(
+                Some(f.span()),
+                format!(
+                    "frames = {}: a walk has at most {MAX_FRAMES} frames in all",
+                    f.get_ref()
+                ),
+            ))
         } else {
             Ok(*f.get_ref())
         }
@@ -239,7 +249,7 @@ pub fn parse_keyframes(
                 here,
                 format!(
                     "keyframe {}: no frame count to the next keyframe (set `frames = N` here or \
-                     at the top of the file, or pass --frames)",
+                     at the top of the file, or give a default frame count)",
                     i + 1
                 ),
             ));
@@ -450,7 +460,16 @@ seed = 3
         let e = keyframes_from_flags(&p(&["a"]), &[1], 3, "", 7.5).unwrap_err();
         assert!(e.to_string().contains("at least two keyframes"), "{e}");
         let e = keyframes_from_flags(&p(&["a", "b"]), &[1], 0, "", 7.5).unwrap_err();
-        assert!(e.to_string().contains("--frames"), "{e}");
+        assert!(
+            matches!(
+                e,
+                Error::Setting {
+                    setting: Setting::Frames,
+                    ..
+                }
+            ),
+            "{e}"
+        );
     }
 
     #[test]
