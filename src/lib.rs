@@ -7,6 +7,7 @@ pub mod demo;
 pub mod device;
 pub mod error;
 pub mod files;
+pub mod generate;
 pub mod kernels;
 pub mod model;
 pub mod noise;

@@ -260,3 +260,27 @@ fn killed_at_random_moments_and_resumed_it_ends_like_an_uninterrupted_run() {
         assert!(got == want, "{name} differs from the uninterrupted run's");
     }
 }
+
+#[test]
+fn a_line_asking_for_a_huge_image_fails_alone() {
+    // Before the size limits this line aborted the whole batch with an allocation failure.
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "q.jsonl",
+        "{\"prompt\": \"a cat\"}\n{\"prompt\": \"huge\", \"width\": 100000, \"height\": 100000}\n\
+         {\"prompt\": \"a fox\"}\n",
+    );
+    let started = Instant::now();
+    let o = run_batch(dir.path(), &["q.jsonl"], &[]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("q.jsonl:2: width 100000: is larger than the limit of 16384 pixels"),
+        "{err}"
+    );
+    assert!(err.contains("1 line was not usable"), "{err}");
+    assert_eq!(pngs(dir.path()).len(), 2);
+    assert_eq!(records(dir.path()).len(), 2);
+    assert!(started.elapsed() < Duration::from_secs(60));
+}

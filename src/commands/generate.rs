@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use latent::output;
 use latent::pipeline::{check_request, load_latents, Event, GenerateRequest, Residency};
 
-use super::{load_model, params_for, random_seed, sampling_for};
+use super::{load_model, random_seed, sampling_for};
 use crate::cli::GenerateArgs;
 use crate::progress::Progress;
 
@@ -85,47 +85,23 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
     progress.finish();
 
     let t = &generation.timings;
-    for (image, path) in generation.images.iter().zip(&paths) {
-        let params = params_for(&model, &req.prompt, &req.negative_prompt, s, image.seed);
-        output::write_png(
-            path,
-            &image.rgb,
-            image.width as u32,
-            image.height as u32,
-            &params.to_a1111(),
-            args.overwrite,
-        )?;
-        if args.json {
-            let record = serde_json::json!({
-                "path": path,
-                "seed": image.seed,
-                "prompt": req.prompt,
-                "negative_prompt": req.negative_prompt,
-                "width": s.width,
-                "height": s.height,
-                "steps": s.steps,
-                "guidance": s.guidance,
-                "scheduler": s.scheduler.to_string(),
-                "karras": s.karras,
-                "rng": s.rng.to_string(),
-                "batch_size": req.batch_size,
-                "model": model.name(),
-                "device": format!("{:?}", model.device().location()),
-                "dtype": format!("{:?}", model.dtype()).to_lowercase(),
-                "parameters": params.to_a1111(),
-                "timings": {
-                    "load_s": model.load_time().as_secs_f64(),
-                    "text_encode_s": t.text_encode.as_secs_f64(),
-                    "denoise_s": t.denoise.as_secs_f64(),
-                    "seconds_per_step": t.seconds_per_step(),
-                    "decode_s": t.decode.as_secs_f64(),
-                },
-            });
-            println!("{record}");
-        } else if !args.quiet {
-            eprintln!("wrote {} (seed {})", path.display(), image.seed);
-        }
-    }
+    latent::generate::write_images(
+        &model,
+        &req,
+        &generation,
+        &paths,
+        args.overwrite,
+        &mut |record| {
+            if args.json {
+                match serde_json::to_string(record) {
+                    Ok(line) => println!("{line}"),
+                    Err(e) => eprintln!("warning: cannot print the JSON record: {e}"),
+                }
+            } else if !args.quiet {
+                eprintln!("wrote {} (seed {})", record.path.display(), record.seed);
+            }
+        },
+    )?;
     if !args.quiet {
         eprintln!(
             "load {:.2}s, text encode {:.2}s, {} steps at {:.3}s/step, decode {:.2}s, total {:.2}s",

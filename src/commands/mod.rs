@@ -8,7 +8,6 @@ mod walk;
 
 use anyhow::{bail, Context, Result};
 use latent::model::ModelSource;
-use latent::output::GenerationParams;
 use latent::pipeline::{LoadOptions, Residency, Sampling, StableDiffusion};
 use latent::Cancel;
 
@@ -119,17 +118,6 @@ fn random_seed() -> u64 {
     );
     h.write_u32(std::process::id());
     h.finish() & 0xFFFF_FFFF
-}
-
-/// The image metadata for one image (see [`GenerationParams::for_image`]).
-pub fn params_for(
-    model: &StableDiffusion,
-    prompt: &str,
-    negative_prompt: &str,
-    s: &Sampling,
-    seed: u64,
-) -> GenerationParams {
-    GenerationParams::for_image(model, prompt, negative_prompt, s, seed)
 }
 
 /// The library's sampling settings from the flags, with the model's defaults for size and
