@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use crate::output::{write_png, GenerationParams};
+use crate::output::{write_image, GenerationParams};
 use crate::pipeline::{GenerateRequest, Generation, StableDiffusion};
 use crate::{Error, Result};
 
@@ -80,14 +80,7 @@ pub fn write_images(
                 image.seed,
             )
             .to_a1111();
-            write_png(
-                path,
-                &image.rgb,
-                image.width as u32,
-                image.height as u32,
-                &parameters,
-                overwrite,
-            )?;
+            write_image(path, image, &parameters, overwrite)?;
             let record = ImageRecord {
                 path: Path::to_path_buf(path),
                 seed: image.seed,

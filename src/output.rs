@@ -294,6 +294,23 @@ pub fn write_png(
     })
 }
 
+/// [`write_png`] for an image the pipeline made (its bytes and size).
+pub fn write_image(
+    path: &Path,
+    image: &crate::pipeline::GeneratedImage,
+    parameters: &str,
+    overwrite: bool,
+) -> Result<()> {
+    write_png(
+        path,
+        &image.rgb,
+        image.width as u32,
+        image.height as u32,
+        parameters,
+        overwrite,
+    )
+}
+
 /// Encodes the PNG into `file` and syncs it to disk; errors name `path`, the final target.
 fn encode_png(
     file: &mut File,

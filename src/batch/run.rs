@@ -389,15 +389,8 @@ impl<'m> Batch<'m> {
                     );
                     let written = {
                         let _writing = cancel.writing();
-                        output::write_png(
-                            &path,
-                            &image.rgb,
-                            image.width as u32,
-                            image.height as u32,
-                            &parameters,
-                            self.config.overwrite,
-                        )
-                        .and_then(|()| manifest.append(&record))
+                        output::write_image(&path, image, &parameters, self.config.overwrite)
+                            .and_then(|()| manifest.append(&record))
                     };
                     match written {
                         Ok(()) => {

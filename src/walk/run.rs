@@ -333,15 +333,8 @@ pub fn run(
                 {
                     // A second Ctrl-C waits for this write: the frame is whole or absent.
                     let _writing = cancel.writing();
-                    output::write_png(
-                        &path,
-                        &image.rgb,
-                        image.width as u32,
-                        image.height as u32,
-                        &parameters,
-                        config.overwrite,
-                    )
-                    .map_err(|e| stopped_by(e, &dir, skipped + rendered, total))?;
+                    output::write_image(&path, image, &parameters, config.overwrite)
+                        .map_err(|e| stopped_by(e, &dir, skipped + rendered, total))?;
                 }
                 rendered += 1;
                 on_event(WalkEvent::FrameWritten(FrameWritten {
