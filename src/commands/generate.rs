@@ -103,10 +103,15 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
         },
     )?;
     if !args.quiet {
+        // Say what the user asked for (steps per image) and what ran: PNDM adds warm-up
+        // steps (Runge-Kutta ones without skip_prk_steps), and each batch runs its own loop.
         eprintln!(
-            "load {:.2}s, text encode {:.2}s, {} steps at {:.3}s/step, decode {:.2}s, total {:.2}s",
+            "load {:.2}s, text encode {:.2}s, {} steps x {} image(s): {} UNet calls at {:.3}s each, \
+             decode {:.2}s, total {:.2}s",
             model.load_time().as_secs_f64(),
             t.text_encode.as_secs_f64(),
+            s.steps,
+            seeds.len(),
             t.unet_steps,
             t.seconds_per_step(),
             t.decode.as_secs_f64(),
