@@ -94,9 +94,13 @@ pub enum Error {
     /// An image could not be encoded, decoded or written.
     #[error("{path}: {message}")]
     Image { path: PathBuf, message: String },
-    /// The run was cancelled through the progress callback.
-    #[error("cancelled")]
-    Cancelled,
+    /// An interrupt ([`crate::Cancel::interrupt`]) stopped the run between two denoising steps.
+    #[error("interrupted")]
+    Interrupted,
+    /// A skip ([`crate::Cancel::skip`]) abandoned the batch in flight between two denoising
+    /// steps; the run goes on with the next batch.
+    #[error("skipped")]
+    Skipped,
     /// A tensor operation failed inside candle.
     #[error("tensor operation failed: {0}")]
     Candle(#[from] candle_core::Error),

@@ -16,7 +16,7 @@ use crate::preview::{latents_to_rgb, PreviewImage, PreviewMap};
 use crate::resources::{self, RunShape, WeightBytes, MAX_IMAGES, MAX_PIXELS, MAX_SIDE};
 use crate::schedulers::{self, DenoisedEstimate, Scheduler, SchedulerConfig, SchedulerKind};
 use crate::text::{ClipOutput, ClipTextConfig, ClipTextModel, ClipTokenizer};
-use crate::{Error, Result, Setting};
+use crate::{Cancel, Error, Result, Setting};
 
 pub use crate::conditioning::{PromptEmbeddings, SizeConditioning, TextConditioning, TimeIds};
 pub use crate::model::family::Family;
@@ -834,10 +834,12 @@ impl StableDiffusion {
     }
 
     /// Runs the whole pipeline for `req`: encodes the prompt, denoises every batch, then
-    /// decodes them all (so a staged model loads each component once).
+    /// decodes them all (so a staged model loads each component once). `cancel` is checked
+    /// between denoising steps ([`Cancel::check_step`]).
     pub fn generate(
         &self,
         req: &GenerateRequest,
+        cancel: &Cancel,
         on_event: &mut dyn FnMut(Event),
     ) -> Result<Generation> {
         self.check_inputs(req)?;
@@ -867,6 +869,7 @@ impl StableDiffusion {
                 &req.sampling,
                 first,
                 &mut timings,
+                cancel,
                 on_event,
             )?;
             denoised.push((first, seeds, latents));
@@ -899,15 +902,25 @@ impl StableDiffusion {
         s: &Sampling,
         first_image: usize,
         timings: &mut Timings,
+        cancel: &Cancel,
         on_event: &mut dyn FnMut(Event),
     ) -> Result<Vec<GeneratedImage>> {
-        let latents =
-            self.denoise_batch(embeddings, seeds, given, s, first_image, timings, on_event)?;
+        let latents = self.denoise_batch(
+            embeddings,
+            seeds,
+            given,
+            s,
+            first_image,
+            timings,
+            cancel,
+            on_event,
+        )?;
         self.decode_batch(&latents, seeds, s, first_image, timings, on_event)
     }
 
     /// Stages 3 to 5 for one batch: a fresh scheduler, starting latents from `seeds` (one
-    /// generator per image) or `given`, the denoising loop. Returns the final latents.
+    /// generator per image) or `given`, the denoising loop. Returns the final latents, or
+    /// [`Error::Interrupted`] / [`Error::Skipped`] when `cancel` says so between two steps.
     #[allow(clippy::too_many_arguments)]
     pub fn denoise_batch(
         &self,
@@ -917,6 +930,7 @@ impl StableDiffusion {
         s: &Sampling,
         first_image: usize,
         timings: &mut Timings,
+        cancel: &Cancel,
         on_event: &mut dyn FnMut(Event),
     ) -> Result<Tensor> {
         let b = seeds.len();
@@ -957,7 +971,7 @@ impl StableDiffusion {
                     step,
                     steps,
                 });
-                Ok(())
+                cancel.check_step()
             },
         )?;
         timings.denoise += start.elapsed();

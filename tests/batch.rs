@@ -289,11 +289,19 @@ fn render_jobs_batch_equals_single_on_latents() {
     assert_eq!(jobs.len(), 4);
 
     let mut t = Timings::default();
-    let together = batch::render_jobs(&model, jobs, 0, &mut t, &mut |_| {}).unwrap();
+    let together =
+        batch::render_jobs(&model, jobs, 0, &mut t, &Cancel::new(), &mut |_| {}).unwrap();
     assert_eq!(t.unet_steps, 3, "one UNet loop for the whole batch");
     for (i, job) in jobs.iter().enumerate() {
-        let alone =
-            batch::render_jobs(&model, &[job], 0, &mut Timings::default(), &mut |_| {}).unwrap();
+        let alone = batch::render_jobs(
+            &model,
+            &[job],
+            0,
+            &mut Timings::default(),
+            &Cancel::new(),
+            &mut |_| {},
+        )
+        .unwrap();
         assert_eq!(together[i].seed, job.seed);
         let d = max_abs_diff(&together[i].latents, &alone[0].latents);
         let scale = max_abs(&alone[0].latents);
@@ -314,7 +322,15 @@ fn render_jobs_batch_equals_single_on_latents() {
     // Jobs with different settings cannot share a batch.
     let mut other = jobs[1].clone();
     other.sampling.steps = 4;
-    let e = batch::render_jobs(&model, &[jobs[0], &other], 0, &mut t, &mut |_| {}).unwrap_err();
+    let e = batch::render_jobs(
+        &model,
+        &[jobs[0], &other],
+        0,
+        &mut t,
+        &Cancel::new(),
+        &mut |_| {},
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("cannot share a batch"), "{e}");
 }
 

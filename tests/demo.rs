@@ -702,6 +702,7 @@ fn score(model: &StableDiffusion, label: &str, cases: &[Case], first_seed: u64) 
             &sampling,
             0,
             &mut Timings::default(),
+            &latent::Cancel::new(),
             &mut |_| {},
         )
         .expect("render");

@@ -70,7 +70,9 @@ fn run_case(case: &Value, models: &mut HashMap<String, StableDiffusion>) {
         "{name}: timesteps"
     );
 
-    let out = model.generate(&req, &mut |_| {}).unwrap();
+    let out = model
+        .generate(&req, &latent::Cancel::new(), &mut |_| {})
+        .unwrap();
     let golden = candle_core::safetensors::load(
         fixtures()
             .join("golden")
@@ -118,14 +120,69 @@ fn image_in_a_batch_equals_image_alone() {
         batch_size: 3,
         latents: None,
     };
-    let batched = model.generate(&req, &mut |_| {}).unwrap();
+    let batched = model
+        .generate(&req, &latent::Cancel::new(), &mut |_| {})
+        .unwrap();
     req.seeds = vec![6];
     req.batch_size = 1;
-    let alone = model.generate(&req, &mut |_| {}).unwrap();
+    let alone = model
+        .generate(&req, &latent::Cancel::new(), &mut |_| {})
+        .unwrap();
     let d = max_abs_diff(&batched.images[1].latents, &alone.images[0].latents);
     // Same math, different batch size: only summation-order differences.
     eprintln!("batch vs alone: latents max abs diff {d:.2e}");
     assert!(d <= 1e-4, "batch vs alone: {d}");
+}
+
+#[test]
+fn interrupt_stops_between_steps_and_skip_abandons_one_batch() {
+    let model = load_model("tiny-sd1");
+    let req = GenerateRequest {
+        prompt: "a photo of a cat".into(),
+        negative_prompt: String::new(),
+        sampling: Sampling {
+            width: 64,
+            height: 64,
+            steps: 4,
+            guidance: 7.5,
+            scheduler: "euler".parse().unwrap(),
+            karras: false,
+            rng: RngKind::Torch,
+            size_conditioning: Default::default(),
+            preview_every: None,
+        },
+        seeds: vec![1],
+        batch_size: 1,
+        latents: None,
+    };
+    for (name, raise) in [
+        (
+            "interrupt",
+            latent::Cancel::interrupt as fn(&latent::Cancel),
+        ),
+        ("skip", latent::Cancel::skip),
+    ] {
+        let cancel = latent::Cancel::new();
+        let mut steps = 0;
+        let result = model.generate(&req, &cancel, &mut |e| {
+            if let latent::pipeline::Event::Step { .. } = e {
+                steps += 1;
+                if steps == 2 {
+                    raise(&cancel);
+                }
+            }
+        });
+        let err = result
+            .err()
+            .unwrap_or_else(|| panic!("{name}: the run finished"));
+        let want = if name == "interrupt" {
+            "interrupted"
+        } else {
+            "skipped"
+        };
+        assert_eq!(err.to_string(), want, "{name}");
+        assert_eq!(steps, 2, "{name}: steps run after the request");
+    }
 }
 
 #[test]
@@ -179,10 +236,12 @@ fn staged_model_makes_the_same_images_loading_each_component_once() {
         batch_size: 2,
         latents: None,
     };
-    let want = resident.generate(&req, &mut |_| {}).unwrap();
+    let want = resident
+        .generate(&req, &latent::Cancel::new(), &mut |_| {})
+        .unwrap();
     let mut events = Vec::new();
     let got = staged
-        .generate(&req, &mut |e| {
+        .generate(&req, &latent::Cancel::new(), &mut |e| {
             if let Event::Loading { component } = e {
                 events.push(component.to_string());
             }
@@ -197,7 +256,9 @@ fn staged_model_makes_the_same_images_loading_each_component_once() {
         assert_eq!(max_abs_diff(&a.latents, &b.latents), 0.0);
     }
     // A second run reloads what the first dropped (the text encoder) and still agrees.
-    let again = staged.generate(&req, &mut |_| {}).unwrap();
+    let again = staged
+        .generate(&req, &latent::Cancel::new(), &mut |_| {})
+        .unwrap();
     assert_eq!(again.images[2].rgb, want.images[2].rgb);
     assert!(staged.load_time() > std::time::Duration::ZERO);
 }

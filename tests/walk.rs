@@ -327,8 +327,13 @@ fn check_frames_equal_their_single_renders(model: &StableDiffusion) {
         let mut walked = Vec::new();
         for batch in w.batches(&all, 4).unwrap() {
             walked.extend(
-                w.render(&batch, &mut Timings::default(), &mut |_| {})
-                    .unwrap(),
+                w.render(
+                    &batch,
+                    &mut Timings::default(),
+                    &latent::Cancel::new(),
+                    &mut |_| {},
+                )
+                .unwrap(),
             );
         }
 
@@ -362,6 +367,7 @@ fn check_frames_equal_their_single_renders(model: &StableDiffusion) {
                     &settings.sampling,
                     0,
                     &mut Timings::default(),
+                    &latent::Cancel::new(),
                     &mut |_| {},
                 )
                 .unwrap();
@@ -392,6 +398,7 @@ fn check_frames_equal_their_single_renders(model: &StableDiffusion) {
                     batch_size: 1,
                     latents: None,
                 },
+                &latent::Cancel::new(),
                 &mut |_| {},
             )
             .unwrap();

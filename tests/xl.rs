@@ -251,7 +251,9 @@ fn run_case(case: &Value, models: &mut HashMap<PathBuf, StableDiffusion>, tmp: &
         assert_eq!(rows[0].as_slice(), first, "{name}: first time ids row");
     }
 
-    let out = model.generate(&req, &mut |_| {}).unwrap();
+    let out = model
+        .generate(&req, &latent::Cancel::new(), &mut |_| {})
+        .unwrap();
     assert_matches_golden(name, &out.images, &golden);
 }
 

@@ -6,7 +6,7 @@ use crate::pipeline::{
     Event, GeneratedImage, PromptEmbeddings, Sampling, StableDiffusion, Timings,
 };
 use crate::schedulers::SchedulerKind;
-use crate::{Error, Result};
+use crate::{Cancel, Error, Result};
 
 use super::group::same_batch;
 use super::plan::Job;
@@ -23,6 +23,7 @@ pub fn render_jobs(
     jobs: &[&Job],
     first_image: usize,
     timings: &mut Timings,
+    cancel: &Cancel,
     on_event: &mut dyn FnMut(Event),
 ) -> Result<Vec<GeneratedImage>> {
     let Some(first) = jobs.first() else {
@@ -62,7 +63,16 @@ pub fn render_jobs(
     };
     timings.text_encode += start.elapsed();
     let seeds: Vec<u64> = jobs.iter().map(|j| j.seed).collect();
-    model.render_batch(&embeddings, &seeds, None, s, first_image, timings, on_event)
+    model.render_batch(
+        &embeddings,
+        &seeds,
+        None,
+        s,
+        first_image,
+        timings,
+        cancel,
+        on_event,
+    )
 }
 
 /// Measured cost of one batch shape, for `--check`'s estimate.
@@ -99,6 +109,7 @@ pub fn probe(model: &StableDiffusion, s: &Sampling, batch: usize) -> Result<Prob
         &one_step,
         0,
         &mut timings,
+        &Cancel::new(),
         &mut quiet,
     )?;
     Ok(Probe {

@@ -359,12 +359,21 @@ impl<'m> Batch<'m> {
                     images: chunk.len(),
                 });
                 let mut timings = Timings::default();
-                let rendered =
-                    render_jobs(self.model, chunk, summary.made, &mut timings, &mut |e| {
-                        on_event(BatchEvent::Pipeline(e))
-                    });
+                let rendered = render_jobs(
+                    self.model,
+                    chunk,
+                    summary.made,
+                    &mut timings,
+                    cancel,
+                    &mut |e| on_event(BatchEvent::Pipeline(e)),
+                );
                 let images = match rendered {
                     Ok(images) => images,
+                    // Stopped between two steps: the batch's items are left, not failed.
+                    Err(Error::Interrupted) => {
+                        summary.stop = Stop::Cancelled;
+                        break 'run;
+                    }
                     Err(error) => {
                         summary.failed += chunk.len();
                         for job in chunk {

@@ -5,6 +5,7 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use latent::kernels::profile;
 use latent::pipeline::{Event, Residency, Stage, Timings};
+use latent::Cancel;
 
 use super::{load_model, sampling_for};
 use crate::cli::BenchArgs;
@@ -69,6 +70,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         &sampling,
         0,
         &mut timings,
+        &Cancel::new(),
         &mut |e| {
             if let Event::Step { step, steps, .. } = e {
                 step_times.push(last.elapsed().as_secs_f64());

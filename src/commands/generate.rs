@@ -3,8 +3,8 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use latent::output;
 use latent::pipeline::{check_request, load_latents, Event, GenerateRequest, Residency};
+use latent::{output, Cancel};
 
 use super::{load_model, random_seed, sampling_for};
 use crate::cli::GenerateArgs;
@@ -63,7 +63,7 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
     let batches = seeds.len().div_ceil(req.batch_size);
     progress.set_total_steps((per_batch * batches) as u64);
 
-    let generation = model.generate(&req, &mut |e| match e {
+    let generation = model.generate(&req, &Cancel::new(), &mut |e| match e {
         Event::Preview { images, .. } => {
             // The first image of the batch; a failed preview write only warns.
             if let Some(img) = images.first() {

@@ -28,7 +28,7 @@ use candle_core::{Device, Tensor};
 use crate::pipeline::{
     Event, GeneratedImage, PromptEmbeddings, Sampling, StableDiffusion, TextConditioning, Timings,
 };
-use crate::{Error, Result, Setting};
+use crate::{Cancel, Error, Result, Setting};
 
 pub use animation::{check_ffmpeg, write_animation, AnimationFormat};
 pub use folder::{
@@ -346,6 +346,7 @@ impl<'m> Walk<'m> {
         &self,
         batch: &[usize],
         timings: &mut Timings,
+        cancel: &Cancel,
         on_event: &mut dyn FnMut(Event),
     ) -> Result<Vec<GeneratedImage>> {
         let Some(&first) = batch.first() else {
@@ -383,6 +384,7 @@ impl<'m> Walk<'m> {
             &sampling,
             first,
             timings,
+            cancel,
             on_event,
         )
     }

@@ -312,7 +312,7 @@ pub fn run(
             on_event(WalkEvent::BatchStarted {
                 frames: batch.clone(),
             });
-            let images = w.render(&batch, &mut timings, &mut |e| {
+            let images = w.render(&batch, &mut timings, cancel, &mut |e| {
                 on_event(WalkEvent::Pipeline(e))
             })?;
             for (&k, image) in batch.iter().zip(&images) {
