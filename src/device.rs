@@ -98,7 +98,10 @@ impl DeviceSpec {
 /// Floating-point precision of the model weights and activations.
 ///
 /// `Auto` is f16 on a GPU and f32 on the CPU. bf16 on the CPU means bf16 weights and bf16
-/// matrix products (AMX / AVX512-BF16 where the CPU has them) with f32 activations.
+/// matrix products (AMX / AVX512-BF16 where the CPU has them) with f32 activations. Which suits
+/// which device: on a CPU f32 (latent's own kernels) or bf16 (half the memory; fastest with
+/// AMX or AVX512-BF16); f16 runs there on candle's generic ops, about 4x slower than f32 (see
+/// [`dtype_advice`]). On a GPU f16, or bf16 where the GPU supports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Precision {
     #[default]
@@ -147,6 +150,16 @@ impl Precision {
     }
 }
 
+/// A warning for a dtype that works but is a poor choice on `device`: f16 on the CPU, which has
+/// no fast kernels for it (about 4x slower than f32). `None` when the pair is fine.
+pub fn dtype_advice(device: &Device, dtype: DType) -> Option<String> {
+    (device.is_cpu() && dtype == DType::F16).then(|| {
+        "dtype f16 on the CPU runs about 4x slower than f32 (the CPU kernels are f32 and bf16); \
+         use f32, or bf16 for half the memory (fastest on CPUs with AMX or AVX512-BF16)"
+            .to_string()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -173,5 +186,13 @@ mod tests {
         assert_eq!(Precision::BF16.resolve(&Device::Cpu).unwrap(), DType::BF16);
         assert_eq!("bf16".parse::<Precision>().unwrap(), Precision::BF16);
         assert!("f8".parse::<Precision>().is_err());
+    }
+
+    #[test]
+    fn only_f16_on_the_cpu_gets_advice() {
+        let advice = dtype_advice(&Device::Cpu, DType::F16).unwrap();
+        assert!(advice.contains("f16") && advice.contains("f32"), "{advice}");
+        assert_eq!(dtype_advice(&Device::Cpu, DType::F32), None);
+        assert_eq!(dtype_advice(&Device::Cpu, DType::BF16), None);
     }
 }

@@ -72,14 +72,21 @@ pub fn write_images(
         .iter()
         .zip(paths)
         .map(|(image, path)| {
-            let parameters = GenerationParams::for_image(
+            let mut params = GenerationParams::for_image(
                 model,
                 &req.prompt,
                 &req.negative_prompt,
                 s,
                 image.seed,
-            )
-            .to_a1111();
+            );
+            if req.latents.is_some() {
+                // The seed did not make the starting noise: say so, or the text would claim
+                // that the seed reproduces the image.
+                params
+                    .extra
+                    .push(("Latents".into(), "from file".into()));
+            }
+            let parameters = params.to_a1111();
             write_image(path, image, &parameters, overwrite)?;
             let record = ImageRecord {
                 path: Path::to_path_buf(path),

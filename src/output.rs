@@ -507,7 +507,10 @@ fn next_index<'a>(names: impl Iterator<Item = &'a str>) -> u64 {
 impl GenerationParams {
     /// The metadata of one image made by `model`: prompt, negative prompt, sampling settings,
     /// seed, and after AUTOMATIC1111's standard keys the VAE when replaced (A1111's `VAE` key),
-    /// SDXL's size conditioning when set, and the noise generator.
+    /// SDXL's size conditioning when set, the noise generator (`RNG`, as A1111) and the dtype
+    /// the model ran in (`Precision: f32`, `f16` or `bf16`; A1111 has no such key, since its
+    /// precision is a global setting, but here the same settings in another dtype give other
+    /// pixels).
     pub fn for_image(
         model: &crate::pipeline::StableDiffusion,
         prompt: &str,
@@ -537,6 +540,7 @@ impl GenerationParams {
             .flatten(),
         );
         extra.push(("RNG".into(), s.rng.to_string()));
+        extra.push(("Precision".into(), model.dtype().as_str().to_string()));
         GenerationParams {
             prompt: prompt.to_string(),
             negative_prompt: negative_prompt.to_string(),

@@ -259,6 +259,9 @@ impl StableDiffusion {
         } else {
             dtype
         };
+        if let Some(advice) = crate::device::dtype_advice(device, dtype) {
+            on_event(Event::Warning(advice));
+        }
 
         on_event(Event::Loading {
             component: "tokenizer",

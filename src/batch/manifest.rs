@@ -74,6 +74,10 @@ pub struct Record {
     pub model: String,
     pub device: String,
     pub dtype: String,
+    /// The VAE that decoded the image when it replaced the model's (`--vae`); absent in
+    /// records of runs that used the model's own, and in records written before this field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vae: Option<String>,
     /// Images in the UNet batch that made this one; `None` for a recovered image (see
     /// [`Existing::Same`]).
     pub batch_size: Option<usize>,
@@ -92,6 +96,8 @@ pub struct RunInfo {
     pub model: String,
     pub device: String,
     pub dtype: String,
+    /// The replacement VAE's name, when there is one.
+    pub vae: Option<String>,
 }
 
 impl Record {
@@ -130,6 +136,7 @@ impl Record {
             model: run.model.clone(),
             device: run.device.clone(),
             dtype: run.dtype.clone(),
+            vae: run.vae.clone(),
             batch_size,
             parameters,
             timings,
@@ -154,12 +161,14 @@ impl Record {
             karras: self.karras,
             rng: self.rng.clone(),
             model: self.model.clone(),
+            dtype: self.dtype.clone(),
+            vae: self.vae.clone(),
         }
     }
 }
 
-/// Everything that decides an image: prompt, negative prompt, seed, sampling settings, model.
-/// Resume matches items to records by this key, not by index or file name, so editing other
+/// Everything that decides an image: prompt, negative prompt, seed, sampling settings, model,
+/// its dtype and a replacement VAE (an f32 and a bf16 image differ in their pixels). Resume matches items to records by this key, not by index or file name, so editing other
 /// lines of a prompt file does not make a finished image count as another item.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ItemKey {
@@ -174,6 +183,8 @@ pub struct ItemKey {
     pub(super) karras: bool,
     pub(super) rng: String,
     pub(super) model: String,
+    pub(super) dtype: String,
+    pub(super) vae: Option<String>,
 }
 
 /// The manifest file, open for appending records.
@@ -299,10 +310,16 @@ pub struct Finished {
 }
 
 impl Finished {
-    /// Keeps the records of `records` whose file exists under `dir`.
+    /// Keeps the records of `records` whose file exists under `dir`. When several records name
+    /// one file (an item remade over it with `--overwrite`, e.g. in another dtype), the last
+    /// one says what the file holds now.
     pub fn new(dir: &Path, records: &[Record]) -> Self {
-        let files = records
-            .iter()
+        let mut latest: HashMap<&str, &Record> = HashMap::new();
+        for r in records {
+            latest.insert(r.file.as_str(), r);
+        }
+        let files = latest
+            .into_values()
             .filter(|r| dir.join(&r.file).is_file())
             .map(|r| (r.key(), r.file.clone()))
             .collect();

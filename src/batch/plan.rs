@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use crate::pipeline::{Sampling, StableDiffusion};
 use crate::Result;
 
-use super::manifest::{cfg_micros, ItemKey};
+use super::manifest::{cfg_micros, ItemKey, RunInfo};
 use super::prompt_file::{Line, LineError, PromptFile};
 
 /// The run's defaults, from the command line; a line's own options override them.
@@ -51,7 +51,7 @@ impl Job {
     }
 
     /// What makes the item the item: two jobs with equal keys make the same image with `model`.
-    pub fn key(&self, model: &str) -> ItemKey {
+    pub fn key(&self, run: &RunInfo) -> ItemKey {
         let s = &self.sampling;
         ItemKey {
             prompt: self.prompt.clone(),
@@ -64,7 +64,9 @@ impl Job {
             scheduler: s.scheduler.cli_name().to_string(),
             karras: s.karras,
             rng: s.rng.to_string(),
-            model: model.to_string(),
+            model: run.model.clone(),
+            dtype: run.dtype.clone(),
+            vae: run.vae.clone(),
         }
     }
 }

@@ -197,7 +197,8 @@ impl<'m> Batch<'m> {
             run_seed,
             model: model.name().to_string(),
             device: format!("{:?}", model.device().location()),
-            dtype: format!("{:?}", model.dtype()).to_lowercase(),
+            dtype: model.dtype().as_str().to_string(),
+            vae: model.vae_name().map(str::to_string),
         };
         let finished = Finished::new(out_dir, &records);
         let mut batch = Batch {
@@ -220,7 +221,7 @@ impl<'m> Batch<'m> {
                 continue;
             }
             batch.owned += 1;
-            if finished.file(&job.key(model.name())).is_some() {
+            if finished.file(&job.key(&batch.run)).is_some() {
                 batch.done += 1;
                 continue;
             }

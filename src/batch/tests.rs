@@ -689,14 +689,26 @@ fn slugs_are_safe_short_and_never_empty() {
 
 // -- manifest ---------------------------------------------------------------------------
 
-fn record(j: &Job, file: &str) -> Record {
-    let run = RunInfo {
+fn run_info(model: &str, dtype: &str, vae: Option<&str>) -> RunInfo {
+    RunInfo {
         run_seed: 1,
-        model: "tiny".into(),
+        model: model.into(),
         device: "Cpu".into(),
-        dtype: "f32".into(),
-    };
-    Record::new(j, Path::new(file), &run, Some(2), "params".into(), None)
+        dtype: dtype.into(),
+        vae: vae.map(str::to_string),
+    }
+}
+
+fn tiny() -> RunInfo {
+    run_info("tiny", "f32", None)
+}
+
+fn record_in(j: &Job, file: &str, run: &RunInfo) -> Record {
+    Record::new(j, Path::new(file), run, Some(2), "params".into(), None)
+}
+
+fn record(j: &Job, file: &str) -> Record {
+    record_in(j, file, &tiny())
 }
 
 #[test]
@@ -715,8 +727,11 @@ fn manifest_round_trips_and_keys_match_jobs() {
     let c = Manifest::read(&path).unwrap();
     assert_eq!(c.records.len(), 2);
     assert_eq!(c.records[0], r0);
-    assert_eq!(c.records[0].key(), j.key("tiny"));
-    assert_ne!(c.records[0].key(), j.key("other model"));
+    assert_eq!(c.records[0].key(), j.key(&tiny()));
+    assert_ne!(c.records[0].key(), j.key(&run_info("other model", "f32", None)));
+    // An image made in another dtype or with another VAE has other pixels: not the same item.
+    assert_ne!(c.records[0].key(), j.key(&run_info("tiny", "bf16", None)));
+    assert_ne!(c.records[0].key(), j.key(&run_info("tiny", "f32", Some("taesd"))));
     assert_eq!(c.records[0].file, "a/x.png");
     assert_eq!(c.records[0].sampler_name, "PLMS");
 
@@ -725,8 +740,30 @@ fn manifest_round_trips_and_keys_match_jobs() {
     fs::write(out.join("y.png"), b"").unwrap();
     let finished = Finished::new(&out, &c.records);
     assert_eq!(finished.len(), 1);
-    assert_eq!(finished.file(&job(1, 6, "dog").key("tiny")), Some("y.png"));
-    assert_eq!(finished.file(&j.key("tiny")), None);
+    assert_eq!(finished.file(&job(1, 6, "dog").key(&tiny())), Some("y.png"));
+    assert_eq!(finished.file(&j.key(&tiny())), None);
+}
+
+#[test]
+fn records_without_a_vae_field_read_and_the_last_record_of_a_file_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    let j = job(0, 5, "cat");
+    // A record as runs before the `vae` field wrote it.
+    let mut old = serde_json::to_value(record(&j, "x.png")).unwrap();
+    assert!(old.get("vae").is_none(), "no vae key when none replaced the model's");
+    old.as_object_mut().unwrap().remove("vae");
+    let old: Record = serde_json::from_value(old).unwrap();
+    assert_eq!(old.vae, None);
+    assert_eq!(old.key(), j.key(&tiny()));
+
+    // The same file remade in bf16 with --overwrite: the f32 item is no longer finished.
+    fs::write(dir.path().join("x.png"), b"").unwrap();
+    let bf16 = run_info("tiny", "bf16", None);
+    let records = [old, record_in(&j, "x.png", &bf16)];
+    let finished = Finished::new(dir.path(), &records);
+    assert_eq!(finished.len(), 1);
+    assert_eq!(finished.file(&j.key(&bf16)), Some("x.png"));
+    assert_eq!(finished.file(&j.key(&tiny())), None);
 }
 
 #[test]

@@ -4,7 +4,7 @@
 //! else `~/.cache/huggingface/hub`), so they are shared with Python tools. `HF_HUB_OFFLINE=1`
 //! uses only what the cache holds; `HF_TOKEN` (or the cache's token file) authenticates.
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use hf_hub::{Cache, Repo, RepoType};
 
@@ -20,7 +20,11 @@ pub enum ModelSource {
 }
 
 impl ModelSource {
-    /// A path that exists is a local folder; otherwise an `owner/name` id is a hub repo.
+    /// What `spec` names, in this order: a path that exists is a local folder (a file is an
+    /// error: only diffusers folders load); a value written as a path (`./x`, `../x`, `/x`,
+    /// `~/x`, `a/b/c`, `x/`) that does not exist is a missing folder; `owner/name` made of
+    /// letters, digits, `-`, `_` and `.` is a hub repo id; anything else (`tiny-sd2`) is
+    /// neither, and an error that says so.
     pub fn parse(spec: &str, revision: Option<&str>) -> Result<Self> {
         Self::parse_as(
             spec,
@@ -47,7 +51,7 @@ impl ModelSource {
         setting: Setting,
         layout: &str,
     ) -> Result<Self> {
-        let path = Path::new(spec);
+        let path = expand_home(spec);
         if path.exists() {
             if !path.is_dir() {
                 return Err(Error::setting(
@@ -63,29 +67,29 @@ impl ModelSource {
                     "only applies to hub models, not local folders",
                 ));
             }
-            return Ok(Self::Local(path.to_path_buf()));
+            return Ok(Self::Local(path));
         }
-        let parts: Vec<&str> = spec.split('/').collect();
-        // `./x`, `../x`, `/x` and `~/x` are paths even when they look like `owner/name`.
-        let is_pathlike = spec.starts_with(['.', '/', '~']);
-        let looks_like_id = !is_pathlike
-            && parts.len() == 2
-            && parts.iter().all(|p| {
-                !p.is_empty()
-                    && p.chars()
-                        .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-            });
-        if !looks_like_id {
-            return Err(Error::setting(
+        match classify_missing(spec) {
+            Missing::HubId => Ok(Self::Hub {
+                repo_id: spec.to_string(),
+                revision: revision.unwrap_or("main").to_string(),
+            }),
+            Missing::Path if path.is_relative() => Err(Error::setting(
                 setting,
                 spec,
-                "no such folder, and not a hub repo id of the form owner/name",
-            ));
+                format!("no such folder (looked in {})", current_dir_text()),
+            )),
+            Missing::Path => Err(Error::setting(setting, spec, "no such folder")),
+            Missing::Neither => Err(Error::setting(
+                setting,
+                spec,
+                format!(
+                    "neither an existing folder or file (looked in {}) nor a hub repo id of \
+                     the form owner/name",
+                    current_dir_text()
+                ),
+            )),
         }
-        Ok(Self::Hub {
-            repo_id: spec.to_string(),
-            revision: revision.unwrap_or("main").to_string(),
-        })
     }
 
     /// Opens the source, resolving how files will be fetched.
@@ -122,7 +126,7 @@ impl ModelSource {
                     let api_repo = api.repo(repo);
                     let info = api_repo
                         .info()
-                        .map_err(|e| Error::Hub(format!("{repo_id}@{revision}: cannot list files: {e} (set HF_HUB_OFFLINE=1 to use the local cache only)")))?;
+                        .map_err(|e| Error::Hub(format!("{repo_id}@{revision}: cannot list files: {e} (there is no local folder {repo_id} either; set HF_HUB_OFFLINE=1 to use the local cache only)")))?;
                     Backend::Hub {
                         files: info.siblings.into_iter().map(|s| s.rfilename).collect(),
                         repo: Box::new(api_repo),
@@ -143,6 +147,58 @@ fn hub_cache() -> Cache {
         return Cache::new(PathBuf::from(dir));
     }
     Cache::from_env()
+}
+
+/// What a `--model` value that names nothing on disk is taken for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Missing {
+    /// `owner/name` with hub-safe characters: a hub repo.
+    HubId,
+    /// Written as a path (`./x`, `../x`, `/x`, `~/x`, `a/b/c`, `x/`, a backslash): a folder
+    /// that does not exist.
+    Path,
+    /// One word (`tiny-sd2`) or an id with characters the hub does not allow.
+    Neither,
+}
+
+/// The rule for a value that is not on disk: only `owner/name` made of letters, digits, `-`,
+/// `_` and `.` is a hub id (the hub's own rule); anything written as a path is a missing path.
+fn classify_missing(spec: &str) -> Missing {
+    let pathlike = spec.starts_with(['.', '/', '~'])
+        || spec.contains('\\')
+        || spec.ends_with('/')
+        || spec.matches('/').count() > 1;
+    if pathlike {
+        return Missing::Path;
+    }
+    let hub_part = |p: &str| {
+        !p.is_empty()
+            && !p.starts_with(['-', '.'])
+            && p.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    };
+    match spec.split_once('/') {
+        Some((owner, name)) if hub_part(owner) && hub_part(name) => Missing::HubId,
+        _ => Missing::Neither,
+    }
+}
+
+/// `~/x` as `$HOME/x` (a quoted `~` or `--model=~/x` reaches us unexpanded); other values as
+/// they are.
+fn expand_home(spec: &str) -> PathBuf {
+    if let Some(rest) = spec.strip_prefix("~/") {
+        if let Some(home) = std::env::var_os("HOME").filter(|h| !h.is_empty()) {
+            return PathBuf::from(home).join(rest);
+        }
+    }
+    PathBuf::from(spec)
+}
+
+/// The current folder for messages about relative paths.
+fn current_dir_text() -> String {
+    std::env::current_dir()
+        .map(|d| d.display().to_string())
+        .unwrap_or_else(|_| "the current folder".into())
 }
 
 enum Backend {
@@ -205,7 +261,8 @@ impl ModelFiles {
             }
             Backend::HubOffline { cache, repo_id } => cache.get(rel).ok_or_else(|| Error::MissingFile {
                 path: PathBuf::from(format!("{repo_id}/{rel}")),
-                hint: " in the Hugging Face cache (HF_HUB_OFFLINE is set, so nothing is downloaded)".into(),
+                hint: format!(" in the Hugging Face cache (HF_HUB_OFFLINE is set, so nothing is downloaded; \
+                               there is no local folder {repo_id} either)"),
             }),
             Backend::Hub { repo, repo_id, files } => {
                 if !files.contains(rel) {
@@ -251,5 +308,50 @@ impl ModelFiles {
             }
         }
         self.get(&full)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_not_on_disk_are_hub_ids_only_as_owner_name() {
+        for id in ["stabilityai/sd-turbo", "madebyollin/taesd", "a_b/c.d-1"] {
+            assert_eq!(classify_missing(id), Missing::HubId, "{id}");
+        }
+        for path in [
+            "./nope",
+            "../nope",
+            "/nope/model",
+            "~/models/sd",
+            "tests/fixtures/tiny-sd1",
+            "owner/name/",
+            "models\\sd",
+            "owner/",
+        ] {
+            assert_eq!(classify_missing(path), Missing::Path, "{path}");
+        }
+        for neither in ["tiny-sd2", "owner/na me", "-x/y", "owner/.."] {
+            assert_eq!(classify_missing(neither), Missing::Neither, "{neither}");
+        }
+    }
+
+    #[test]
+    fn an_existing_folder_is_local_even_when_it_looks_like_an_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let id_like = dir.path().join("owner");
+        std::fs::create_dir_all(id_like.join("name")).unwrap();
+        let spec = id_like.join("name");
+        match ModelSource::parse(&spec.display().to_string(), None).unwrap() {
+            ModelSource::Local(p) => assert_eq!(p, spec),
+            other => panic!("expected a local folder, got {other:?}"),
+        }
+        let file = dir.path().join("model.safetensors");
+        std::fs::write(&file, b"x").unwrap();
+        let e = ModelSource::parse(&file.display().to_string(), None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("found a file"), "{e}");
     }
 }
