@@ -2,9 +2,9 @@
 """The diffusers (PyTorch CPU) side of tools/bench.sh and tools/bench_turbo.sh: same stages and
 JSON fields as `latent bench --json`, for the same model folder, size, steps and threads.
 
-    HF_HUB_OFFLINE=1 python tools/bench_diffusers.py MODEL_DIR --width 256 --height 256 --steps 4 --threads 2
-    HF_HUB_OFFLINE=1 python tools/bench_diffusers.py SDXL_DIR --width 1024 --height 1024 --steps 2 --dtype bf16
-    HF_HUB_OFFLINE=1 python tools/bench_diffusers.py TURBO_DIR --vae TAESD_DIR --steps 1 --guidance 0 \\
+    HF_HUB_OFFLINE=1 "${PYTHON:-python3}" tools/bench_diffusers.py MODEL_DIR --width 256 --height 256 --steps 4 --threads 2
+    HF_HUB_OFFLINE=1 "${PYTHON:-python3}" tools/bench_diffusers.py SDXL_DIR --width 1024 --height 1024 --steps 2 --dtype bf16
+    HF_HUB_OFFLINE=1 "${PYTHON:-python3}" tools/bench_diffusers.py TURBO_DIR --vae TAESD_DIR --steps 1 --guidance 0 \\
         --scheduler euler-a --width 512 --height 512 --repeat 3
 
 The pipeline class comes from MODEL_DIR/model_index.json (StableDiffusionPipeline,

@@ -3,7 +3,7 @@
 Reads the tiny models in tests/fixtures/tiny-sd{1,2} (made by tools/make_tiny_models.py) and
 writes tests/fixtures/components/{sd1,sd2}.safetensors. Run from the repo root:
 
-    HF_HUB_OFFLINE=1 python tools/make_component_fixtures.py
+    HF_HUB_OFFLINE=1 "${PYTHON:-python3}" tools/make_component_fixtures.py
 """
 import os
 

@@ -19,7 +19,7 @@ loaded back from the folders with from_pretrained(..., torch_dtype=float32).
 A `xl_taesd` case runs only when tests/fixtures/tiny-taesd/config.json exists (an AutoencoderTiny
 made elsewhere); otherwise it is skipped with a note.
 
-Run with the reference venv, offline, after tools/make_tiny_models.py (tiny-sd2 is used here):
+Run offline, with a Python (PYTHON, default python3) that has the packages listed in the fixtures README, after tools/make_tiny_models.py (tiny-sd2 is used here):
   HF_HUB_OFFLINE=1 python3 tools/make_tiny_sdxl.py
 """
 

@@ -12,8 +12,8 @@ Writes, under tests/fixtures/ (or --out):
 Every weight is drawn from a seeded generator, rounded to float16 and stored as float16; the goldens
 are computed in float32 from exactly those rounded values, by a model loaded back from the folder.
 
-Run with the reference venv, offline:
-  HF_HUB_OFFLINE=1 python3 tools/make_tiny_taesd.py
+Run offline, with a Python (PYTHON, default python3) that has the packages listed in the fixtures README:
+  HF_HUB_OFFLINE=1 "${PYTHON:-python3}" tools/make_tiny_taesd.py
 """
 
 import argparse
