@@ -5,7 +5,7 @@ round trip through the VAE of a trained model folder. If the checker misreads th
 cannot score well however well it draws; if it reads the drawings but not the reconstructions,
 the VAE loses the shapes.
 
-  HF_HUB_OFFLINE=1 python3 tools/demo_data_check.py [--model weights/demo] [-n 400]
+  HF_HUB_OFFLINE=1 "${PYTHON:-python3}" tools/demo_data_check.py [--model weights/demo] [-n 400]
 """
 
 import argparse

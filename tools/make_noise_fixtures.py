@@ -5,7 +5,7 @@ Every tensor is what `torch.randn(shape, generator=g, dtype=torch.float32)` retu
 of cases (which seed, which calls in which order), so tests/noise.rs can replay each one.
 
 Usage (from the repository root):
-    HF_HUB_OFFLINE=1 python tools/make_noise_fixtures.py [--out tests/fixtures/noise/torch_randn.safetensors]
+    HF_HUB_OFFLINE=1 "${PYTHON:-python3}" tools/make_noise_fixtures.py [--out tests/fixtures/noise/torch_randn.safetensors]
 
 The values depend on the CPU kernel torch picks: on x86 machines with AVX2 or AVX-512 it is the
 AVX2 kernel (Cephes-style polynomials), the one `latent` reproduces. The script refuses to run

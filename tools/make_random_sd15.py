@@ -6,7 +6,7 @@ parameters), in the exact diffusers layout, so compute and memory equal the real
 tokenizer folder is copied from tests/fixtures/tiny-sd1 (the real CLIP vocabulary). Weights are
 drawn from a seeded generator; norms are perturbed so they are not exactly 1/0.
 
-    HF_HUB_OFFLINE=1 python3 tools/make_random_sd15.py OUT_DIR
+    HF_HUB_OFFLINE=1 "${PYTHON:-python3}" tools/make_random_sd15.py OUT_DIR
 """
 import json
 import os

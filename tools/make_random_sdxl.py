@@ -13,7 +13,7 @@ Each file is streamed tensor by tensor from the module's shapes (built on the me
 build holds one tensor at a time (peak RSS ~1.4 GB with the final load-back check), never the
 10 GB of an fp32 SDXL UNet; about a minute on 2 cores.
 
-    HF_HUB_OFFLINE=1 python3 tools/make_random_sdxl.py OUT_DIR [--vae-tiny TINY_DIR]
+    HF_HUB_OFFLINE=1 "${PYTHON:-python3}" tools/make_random_sdxl.py OUT_DIR [--vae-tiny TINY_DIR]
 
 --vae-tiny also writes a random-weight AutoencoderTiny with TAESDXL's real config, in the
 madebyollin/taesdxl layout (config.json + diffusion_pytorch_model.safetensors at the root);

@@ -7,7 +7,7 @@ guidance. Same configs, key for key, and folder layout as the hub repo; schedule
 (EulerDiscreteScheduler, timestep_spacing "trailing"); tokenizer = the real CLIP vocabulary padding
 with "!" (tests/fixtures/tiny-sd2). Random float16 weights, streamed as in make_random_sdxl.py.
 
-    HF_HUB_OFFLINE=1 python3 tools/make_random_turbo.py OUT_DIR [--vae-tiny TINY_DIR]
+    HF_HUB_OFFLINE=1 "${PYTHON:-python3}" tools/make_random_turbo.py OUT_DIR [--vae-tiny TINY_DIR]
 
 --vae-tiny also writes a random-weight AutoencoderTiny with TAESD's real config (madebyollin/taesd
 layout: config.json + diffusion_pytorch_model.safetensors at the root); --only-vae-tiny writes just

@@ -6,7 +6,7 @@ whole denoising loop on a fixed sample with a fake model (DDIM, PNDM, Euler, Eul
 LCM). tests/schedulers.rs replays every case.
 
 Usage (from the repository root):
-    HF_HUB_OFFLINE=1 python3 tools/make_scheduler_fixtures.py [--new-only]
+    HF_HUB_OFFLINE=1 "${PYTHON:-python3}" tools/make_scheduler_fixtures.py [--new-only]
 
 torch's vectorised float32 math (the training sigmas' sqrt, DPM-Solver's log/exp) differs in the
 last bits between CPUs, and the Rust tests compare timesteps and sigmas exactly or to one ulp. So

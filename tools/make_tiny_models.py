@@ -13,7 +13,7 @@ Every weight is drawn from seeded generators, rounded to float16 and stored as f
 are computed in float32 from exactly those rounded values, by a pipeline loaded back from the folder.
 
 Run offline, with a Python (PYTHON, default python3) that has the packages listed in the fixtures README:
-  HF_HUB_OFFLINE=1 python3 tools/make_tiny_models.py
+  HF_HUB_OFFLINE=1 "${PYTHON:-python3}" tools/make_tiny_models.py
 """
 
 import argparse

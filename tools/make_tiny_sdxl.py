@@ -20,7 +20,7 @@ A `xl_taesd` case runs only when tests/fixtures/tiny-taesd/config.json exists (a
 made elsewhere); otherwise it is skipped with a note.
 
 Run offline, with a Python (PYTHON, default python3) that has the packages listed in the fixtures README, after tools/make_tiny_models.py (tiny-sd2 is used here):
-  HF_HUB_OFFLINE=1 python3 tools/make_tiny_sdxl.py
+  HF_HUB_OFFLINE=1 "${PYTHON:-python3}" tools/make_tiny_sdxl.py
 """
 
 import argparse

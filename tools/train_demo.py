@@ -26,8 +26,8 @@ background, shape class; position and size where the prompt names them).
 Every stage has its own seeded generator; with the same thread count the run is repeatable.
 Run offline, with a Python (PYTHON, default python3) that has torch, diffusers and transformers (the shipped model: 62.4 minutes of training on an idle
 2-core machine, 3.0 for the VAE stage and 59.2 for the UNet, then half a minute of scoring):
-  HF_HUB_OFFLINE=1 python3 tools/train_demo.py
-  HF_HUB_OFFLINE=1 python3 tools/train_demo.py --eval-only   # score weights/demo
+  HF_HUB_OFFLINE=1 "${PYTHON:-python3}" tools/train_demo.py
+  HF_HUB_OFFLINE=1 "${PYTHON:-python3}" tools/train_demo.py --eval-only   # score weights/demo
 """
 
 import argparse
