@@ -82,9 +82,7 @@ pub fn write_images(
             if req.latents.is_some() {
                 // The seed did not make the starting noise: say so, or the text would claim
                 // that the seed reproduces the image.
-                params
-                    .extra
-                    .push(("Latents".into(), "from file".into()));
+                params.extra.push(("Latents".into(), "from file".into()));
             }
             let parameters = params.to_a1111();
             write_image(path, image, &parameters, overwrite)?;

@@ -50,7 +50,10 @@ fn a_missing_path_is_no_such_folder_and_never_goes_to_the_hub() {
         assert!(!e.contains("cache") && !e.contains("hub"), "{spec}: {e}");
     }
     let e = error_line(&generate(dir.path(), "/nonexistent/model"));
-    assert!(e.contains("--model /nonexistent/model: no such folder"), "{e}");
+    assert!(
+        e.contains("--model /nonexistent/model: no such folder"),
+        "{e}"
+    );
     let e = error_line(&latent_in(
         dir.path(),
         &["generate", "a cat", "--vae", "./no-vae", "--steps", "2"],

@@ -29,9 +29,18 @@ fn the_png_records_the_dtype_and_f16_on_the_cpu_warns_once() {
     let (f32_text, f32_err) = generate_parameters(&["--device", "cpu"]);
     let (bf16_text, bf16_err) = generate_parameters(&["--device", "cpu", "--dtype", "bf16"]);
     let (f16_text, f16_err) = generate_parameters(&["--device", "cpu", "--dtype", "f16"]);
-    assert!(f32_text.ends_with(", RNG: torch, Precision: f32"), "{f32_text}");
-    assert!(bf16_text.ends_with(", RNG: torch, Precision: bf16"), "{bf16_text}");
-    assert!(f16_text.ends_with(", RNG: torch, Precision: f16"), "{f16_text}");
+    assert!(
+        f32_text.ends_with(", RNG: torch, Precision: f32"),
+        "{f32_text}"
+    );
+    assert!(
+        bf16_text.ends_with(", RNG: torch, Precision: bf16"),
+        "{bf16_text}"
+    );
+    assert!(
+        f16_text.ends_with(", RNG: torch, Precision: f16"),
+        "{f16_text}"
+    );
     // Otherwise the same settings: only the Precision key tells them apart.
     assert_eq!(
         f32_text.replace("Precision: f32", ""),
@@ -72,7 +81,10 @@ fn batch_resume_does_not_count_an_image_of_another_dtype_as_done() {
         err.contains("is in the way: it holds an image with other settings"),
         "{err}"
     );
-    assert!(err.contains("0 made, 0 skipped (already done), 1 failed"), "{err}");
+    assert!(
+        err.contains("0 made, 0 skipped (already done), 1 failed"),
+        "{err}"
+    );
     assert_eq!(fs::read(&png).unwrap(), f32_png, "left alone");
 
     // With --overwrite it is remade in bf16, and then bf16 is done and f32 is not.
@@ -80,6 +92,12 @@ fn batch_resume_does_not_count_an_image_of_another_dtype_as_done() {
     assert!(o.status.success(), "{}", stderr(&o));
     let params = latent::output::read_png_parameters(&png).unwrap().unwrap();
     assert!(params.ends_with("Precision: bf16"), "{params}");
+    let info = latent(&["info", &png.display().to_string()]);
+    assert!(
+        String::from_utf8_lossy(&info.stdout).contains("Precision: bf16"),
+        "latent info shows the dtype: {}",
+        stderr(&info)
+    );
     let recs = records(dir.path());
     assert_eq!(
         recs.iter().map(|r| r.dtype.as_str()).collect::<Vec<_>>(),

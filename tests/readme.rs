@@ -63,7 +63,12 @@ fn help_flags(name: &str) -> BTreeSet<String> {
     }
     // `[alias: --neg]`, `[aliases: --a, --b]`, possibly wrapped over two lines.
     let joined = help.split_whitespace().collect::<Vec<_>>().join(" ");
-    for marker in ["[alias: ", "[aliases: ", "[short alias: ", "[short aliases: "] {
+    for marker in [
+        "[alias: ",
+        "[aliases: ",
+        "[short alias: ",
+        "[short aliases: ",
+    ] {
         for part in joined.split(marker).skip(1) {
             let list = part.split(']').next().unwrap_or_default();
             for alias in list.split(',') {
@@ -203,7 +208,9 @@ fn offline_commands(text: &str) -> Vec<(String, Vec<String>)> {
 fn latent_args(words: &[String]) -> Option<Vec<String>> {
     match words {
         [first, rest @ ..] if first == "latent" => Some(rest.to_vec()),
-        [c, r, rel, dd, rest @ ..] if c == "cargo" && r == "run" && rel == "--release" && dd == "--" => {
+        [c, r, rel, dd, rest @ ..]
+            if c == "cargo" && r == "run" && rel == "--release" && dd == "--" =>
+        {
             Some(rest.to_vec())
         }
         _ => None,
@@ -250,7 +257,13 @@ fn expand_globs(args: Vec<String>, cwd: &Path) -> Vec<String> {
                 rd.filter_map(|e| e.ok())
                     .map(|e| e.file_name().to_string_lossy().into_owned())
                     .filter(|n| n.starts_with(&stem) && n.ends_with(suffix) && !n.starts_with('.'))
-                    .map(|n| if dir.is_empty() { n } else { format!("{dir}/{n}") })
+                    .map(|n| {
+                        if dir.is_empty() {
+                            n
+                        } else {
+                            format!("{dir}/{n}")
+                        }
+                    })
                     .collect()
             })
             .unwrap_or_default();
@@ -359,7 +372,9 @@ fn expect(args: &[String], new: &BTreeSet<PathBuf>, cwd: &Path, o: &Output) -> R
             let stdout = String::from_utf8_lossy(&o.stdout);
             let files = args.len() - 1;
             if stdout.matches("Steps: ").count() != files {
-                return Err(format!("expected the parameters of {files} files: {stdout}"));
+                return Err(format!(
+                    "expected the parameters of {files} files: {stdout}"
+                ));
             }
         }
         "bench" => {
@@ -367,7 +382,11 @@ fn expect(args: &[String], new: &BTreeSet<PathBuf>, cwd: &Path, o: &Output) -> R
                 return Err("no UNet step time printed".into());
             }
         }
-        other => return Err(format!("no rule for `latent {other}` in tests/readme.rs `expect`")),
+        other => {
+            return Err(format!(
+                "no rule for `latent {other}` in tests/readme.rs `expect`"
+            ))
+        }
     }
     Ok(())
 }
@@ -436,8 +455,12 @@ fn offline_readme_commands_run_and_make_what_the_text_says() {
         if let Err(e) = expect(&args, &new, &cwd, &o) {
             problems.push(format!("`{line}`: {e}"));
         }
-        *ran.entry(if args[0] == "generate" { "generate" } else { "other" })
-            .or_default() += 1;
+        *ran.entry(if args[0] == "generate" {
+            "generate"
+        } else {
+            "other"
+        })
+        .or_default() += 1;
     }
     assert!(problems.is_empty(), "\n{}\n", problems.join("\n\n"));
     assert!(ran.get("generate").copied().unwrap_or(0) >= 2, "{ran:?}");
@@ -449,9 +472,18 @@ fn the_synopsis_parser_reads_brackets_aliases_and_shorts() {
         "latent x PROMPT [-m/--model M] [-g/--guidance/--cfg 7.5] [--format webp|apng]... \
          [--scheduler dpm++2m|euler-a] [--shard I/N|auto]",
     );
-    let want: BTreeSet<String> = ["-m", "--model", "-g", "--guidance", "--cfg", "--format", "--scheduler", "--shard"]
-        .into_iter()
-        .map(String::from)
-        .collect();
+    let want: BTreeSet<String> = [
+        "-m",
+        "--model",
+        "-g",
+        "--guidance",
+        "--cfg",
+        "--format",
+        "--scheduler",
+        "--shard",
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect();
     assert_eq!(flags, want);
 }

@@ -728,10 +728,16 @@ fn manifest_round_trips_and_keys_match_jobs() {
     assert_eq!(c.records.len(), 2);
     assert_eq!(c.records[0], r0);
     assert_eq!(c.records[0].key(), j.key(&tiny()));
-    assert_ne!(c.records[0].key(), j.key(&run_info("other model", "f32", None)));
+    assert_ne!(
+        c.records[0].key(),
+        j.key(&run_info("other model", "f32", None))
+    );
     // An image made in another dtype or with another VAE has other pixels: not the same item.
     assert_ne!(c.records[0].key(), j.key(&run_info("tiny", "bf16", None)));
-    assert_ne!(c.records[0].key(), j.key(&run_info("tiny", "f32", Some("taesd"))));
+    assert_ne!(
+        c.records[0].key(),
+        j.key(&run_info("tiny", "f32", Some("taesd")))
+    );
     assert_eq!(c.records[0].file, "a/x.png");
     assert_eq!(c.records[0].sampler_name, "PLMS");
 
@@ -750,7 +756,10 @@ fn records_without_a_vae_field_read_and_the_last_record_of_a_file_counts() {
     let j = job(0, 5, "cat");
     // A record as runs before the `vae` field wrote it.
     let mut old = serde_json::to_value(record(&j, "x.png")).unwrap();
-    assert!(old.get("vae").is_none(), "no vae key when none replaced the model's");
+    assert!(
+        old.get("vae").is_none(),
+        "no vae key when none replaced the model's"
+    );
     old.as_object_mut().unwrap().remove("vae");
     let old: Record = serde_json::from_value(old).unwrap();
     assert_eq!(old.vae, None);
