@@ -6,6 +6,8 @@
 //! To extend: a new subcommand needs a `<!-- synopsis: NAME -->` block (the test finds the
 //! subcommands in `latent --help`); a new flag needs a place in its synopsis; a new offline
 //! example needs an [`expect`] rule when its subcommand is not yet known there.
+// The offline run links the repository's folders into its working folder.
+#![cfg(unix)]
 use std::collections::{BTreeSet, HashMap};
 use std::fs;
 use std::path::{Path, PathBuf};
