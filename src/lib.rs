@@ -15,6 +15,7 @@ pub mod npy;
 pub mod output;
 pub mod pipeline;
 pub mod preview;
+pub mod prompt;
 pub mod resources;
 pub mod schedulers;
 pub mod text;
