@@ -92,6 +92,15 @@ pub struct SamplingArgs {
     /// Noise generator: torch reproduces torch.Generator("cpu").manual_seed(seed) + randn.
     #[arg(long, default_value = "torch")]
     pub rng: RngKind,
+    /// How prompts are read: a1111 (AUTOMATIC1111's syntax: (word:1.2), [word], BREAK,
+    /// [from:to:when], [a|b], prompts longer than 75 tokens in chunks) or plain (the text as
+    /// diffusers reads it, cut at 77 tokens).
+    #[arg(long, value_name = "SYNTAX", default_value = "a1111", value_parser = parse_syntax)]
+    pub prompt_syntax: latent::prompt::PromptSyntax,
+    /// AUTOMATIC1111's clip skip: 2 conditions on the text encoder's penultimate layer (SD 1.x
+    /// models; others ignore it, as in AUTOMATIC1111).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub clip_skip: usize,
     /// SDXL size conditioning: the size the image should look as if it came from
     /// [default: the image size].
     #[arg(long, value_name = "W,H", help_heading = "SDXL size conditioning")]
@@ -111,6 +120,14 @@ pub struct SamplingArgs {
     /// SDXL: --target-size for the negative prompt [default: the prompt's].
     #[arg(long, value_name = "W,H", help_heading = "SDXL size conditioning")]
     pub negative_target_size: Option<Pair>,
+}
+
+fn parse_syntax(s: &str) -> Result<latent::prompt::PromptSyntax, String> {
+    match s {
+        "a1111" => Ok(latent::prompt::PromptSyntax::A1111),
+        "plain" => Ok(latent::prompt::PromptSyntax::Plain),
+        _ => Err(format!("`{s}`: expected a1111 or plain")),
+    }
 }
 
 /// Two numbers written `A,B` (or `AxB`): a width and height, or an x and y.
@@ -135,6 +152,14 @@ impl std::str::FromStr for Pair {
 }
 
 impl SamplingArgs {
+    /// How prompts are read and encoded.
+    pub fn text_options(&self) -> latent::prompt::TextOptions {
+        latent::prompt::TextOptions {
+            syntax: self.prompt_syntax,
+            clip_skip: self.clip_skip,
+        }
+    }
+
     /// The SDXL size conditioning these flags ask for.
     pub fn size_conditioning(&self) -> latent::pipeline::SizeConditioning {
         let pair = |p: Option<Pair>| p.map(|Pair(a, b)| (a, b));
@@ -374,6 +399,8 @@ pub fn flag(setting: Setting) -> &'static str {
         Setting::Model => "--model",
         Setting::Revision => "--revision",
         Setting::Merge => "--merge",
+        Setting::PromptSyntax => "--prompt-syntax",
+        Setting::ClipSkip => "--clip-skip",
         _ => "an option",
     }
 }

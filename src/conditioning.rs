@@ -22,6 +22,10 @@ impl TextConditioning {
         b: &Self,
         mut f: impl FnMut(&Tensor, &Tensor) -> Result<Tensor>,
     ) -> Result<Self> {
+        // Prompts of different lengths (AUTOMATIC1111's chunks of 75 tokens): the shorter is
+        // padded with its last vector, as AUTOMATIC1111 pads conditionings it stacks.
+        let tokens = a.tokens()?.max(b.tokens()?);
+        let (a, b) = (&a.padded_to(tokens)?, &b.padded_to(tokens)?);
         let pooled = match (&a.pooled, &b.pooled) {
             (Some(pa), Some(pb)) => Some(f(pa, pb)?),
             (None, None) => None,
@@ -37,9 +41,42 @@ impl TextConditioning {
         })
     }
 
-    /// Concatenates the rows of several conditionings.
+    /// Tokens per row of the context.
+    pub fn tokens(&self) -> Result<usize> {
+        Ok(self.context.dim(1)?)
+    }
+
+    /// The conditioning with its context made `tokens` long by repeating its last vector
+    /// (AUTOMATIC1111's `stack_conds`); unchanged when it is that long already.
+    pub fn padded_to(&self, tokens: usize) -> Result<Self> {
+        let have = self.tokens()?;
+        if have >= tokens {
+            return Ok(self.clone());
+        }
+        let last = self.context.narrow(1, have - 1, 1)?;
+        let (rows, _, dim) = self.context.dims3()?;
+        let fill = last.broadcast_as((rows, tokens - have, dim))?;
+        Ok(Self {
+            context: Tensor::cat(&[&self.context, &fill.contiguous()?], 1)?,
+            pooled: self.pooled.clone(),
+        })
+    }
+
+    /// Concatenates the rows of several conditionings (shorter contexts padded as
+    /// [`Self::padded_to`]).
     pub fn stack(items: &[&TextConditioning]) -> Result<Self> {
-        let contexts: Vec<&Tensor> = items.iter().map(|c| &c.context).collect();
+        let tokens = items
+            .iter()
+            .map(|c| c.tokens())
+            .collect::<Result<Vec<_>>>()?
+            .into_iter()
+            .max()
+            .unwrap_or(0);
+        let padded = items
+            .iter()
+            .map(|c| c.padded_to(tokens))
+            .collect::<Result<Vec<_>>>()?;
+        let contexts: Vec<&Tensor> = padded.iter().map(|c| &c.context).collect();
         let pooled = if items.iter().all(|c| c.pooled.is_some()) && !items.is_empty() {
             let p: Vec<&Tensor> = items.iter().filter_map(|c| c.pooled.as_ref()).collect();
             Some(Tensor::cat(&p, 0)?)
@@ -56,10 +93,39 @@ impl TextConditioning {
 /// Prompt embeddings: conditional, and unconditional when guidance is on.
 #[derive(Debug, Clone)]
 pub struct PromptEmbeddings {
-    /// The prompt's conditioning, 1 row (or one per image, for walks).
+    /// The prompt's conditioning, 1 row (or one per image, for walks); with a schedule, the
+    /// conditioning of the first step.
     pub cond: TextConditioning,
     /// The negative prompt's; `None` without classifier-free guidance.
     pub uncond: Option<TextConditioning>,
+    /// Prompt editing and alternation: the conditioning of each step; `None` when the prompts
+    /// stay the same throughout.
+    pub schedule: Option<StepSchedule>,
+}
+
+/// Which conditioning applies at which step, as AUTOMATIC1111's `reconstruct_cond_batch`
+/// picks it: at step s (0-based, one per UNet evaluation) the first entry whose last step is
+/// at least s, else the first entry.
+#[derive(Debug, Clone)]
+pub struct StepSchedule {
+    /// (last step, conditioning) of the prompt, in step order.
+    pub cond: Vec<(i64, TextConditioning)>,
+    /// The same for the negative prompt; empty without guidance.
+    pub uncond: Vec<(i64, TextConditioning)>,
+}
+
+/// The index of the entry of `entries` in use at `step`.
+fn entry_at<T>(entries: &[(i64, T)], step: i64) -> usize {
+    entries.iter().position(|(until, _)| step <= *until).unwrap_or(0)
+}
+
+impl StepSchedule {
+    /// The entries (prompt, negative prompt) in use at `step`: equal values mean the same
+    /// conditioning.
+    pub fn selection(&self, step: usize) -> (usize, usize) {
+        let s = step as i64;
+        (entry_at(&self.cond, s), entry_at(&self.uncond, s))
+    }
 }
 
 /// Repeats a tensor of 1 row to `b` rows, or checks it already has `b`.
@@ -78,6 +144,44 @@ fn rows_of(t: &Tensor, b: usize) -> Result<Tensor> {
 }
 
 impl PromptEmbeddings {
+    /// Embeddings that stay the same at every step.
+    pub fn fixed(cond: TextConditioning, uncond: Option<TextConditioning>) -> Self {
+        Self {
+            cond,
+            uncond,
+            schedule: None,
+        }
+    }
+
+    /// The conditioning in use at `step` (0-based), without a schedule.
+    pub fn at_step(&self, step: usize) -> Self {
+        let Some(schedule) = &self.schedule else {
+            return self.clone();
+        };
+        let (c, u) = schedule.selection(step);
+        Self::fixed(
+            schedule.cond.get(c).map_or(&self.cond, |e| &e.1).clone(),
+            match schedule.uncond.get(u) {
+                Some(e) => Some(e.1.clone()),
+                None => self.uncond.clone(),
+            },
+        )
+    }
+
+    /// What changes between steps: the schedule's selection at `step` ((0, 0) without one).
+    pub fn selection(&self, step: usize) -> (usize, usize) {
+        self.schedule.as_ref().map_or((0, 0), |s| s.selection(step))
+    }
+
+    /// Whether the prompt and negative prompt contexts have different lengths (then the UNet
+    /// runs them as two batches, as AUTOMATIC1111 does).
+    pub fn lengths_differ(&self) -> Result<bool> {
+        Ok(match &self.uncond {
+            Some(u) => u.tokens()? != self.cond.tokens()?,
+            None => false,
+        })
+    }
+
     /// The UNet's context for a batch of `b`: [uncond x b, cond x b] with guidance (diffusers'
     /// order), else cond x b. Embeddings of batch 1 are repeated; others must have `b` rows.
     pub fn batched(&self, b: usize) -> Result<Tensor> {
@@ -108,8 +212,34 @@ impl PromptEmbeddings {
         ))
     }
 
-    /// Stacks per-image embeddings (each of batch 1) into one of batch n.
+    /// Stacks per-image embeddings (each of batch 1) into one of batch n. With schedules, the
+    /// stack switches wherever one of the items does.
     pub fn stack(items: &[PromptEmbeddings]) -> Result<Self> {
+        if items.iter().any(|e| e.schedule.is_some()) {
+            let mut points: Vec<i64> = items
+                .iter()
+                .filter_map(|e| e.schedule.as_ref())
+                .flat_map(|s| s.cond.iter().chain(&s.uncond).map(|(u, _)| *u))
+                .collect();
+            points.sort_unstable();
+            points.dedup();
+            let mut cond = Vec::with_capacity(points.len());
+            let mut uncond = Vec::with_capacity(points.len());
+            for &until in &points {
+                let step = until.max(0) as usize;
+                let at: Vec<PromptEmbeddings> = items.iter().map(|e| e.at_step(step)).collect();
+                let stacked = Self::stack(&at)?;
+                cond.push((until, stacked.cond));
+                if let Some(u) = stacked.uncond {
+                    uncond.push((until, u));
+                }
+            }
+            let first = Self::stack(&items.iter().map(|e| e.at_step(0)).collect::<Vec<_>>())?;
+            return Ok(Self {
+                schedule: Some(StepSchedule { cond, uncond }),
+                ..first
+            });
+        }
         let conds: Vec<&TextConditioning> = items.iter().map(|e| &e.cond).collect();
         let uncond = if items.iter().all(|e| e.uncond.is_some()) && !items.is_empty() {
             let u: Vec<&TextConditioning> =
@@ -118,10 +248,7 @@ impl PromptEmbeddings {
         } else {
             None
         };
-        Ok(Self {
-            cond: TextConditioning::stack(&conds)?,
-            uncond,
-        })
+        Ok(Self::fixed(TextConditioning::stack(&conds)?, uncond))
     }
 }
 

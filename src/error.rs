@@ -139,6 +139,10 @@ pub enum Setting {
     Revision,
     /// The folder whose shard manifests are merged.
     Merge,
+    /// How prompts are read (AUTOMATIC1111's syntax or plain text).
+    PromptSyntax,
+    /// AUTOMATIC1111's "clip skip".
+    ClipSkip,
 }
 
 impl Setting {
@@ -172,6 +176,8 @@ impl Setting {
             Setting::Model => "model",
             Setting::Revision => "revision",
             Setting::Merge => "merge",
+            Setting::PromptSyntax => "prompt_syntax",
+            Setting::ClipSkip => "clip_skip",
         }
     }
 }

@@ -539,8 +539,16 @@ impl GenerationParams {
             .into_iter()
             .flatten(),
         );
+        // AUTOMATIC1111 writes clip skip above 1 (even where it has no effect), before RNG.
+        if s.text.clip_skip > 1 {
+            extra.push(("Clip skip".into(), s.text.clip_skip.to_string()));
+        }
         extra.push(("RNG".into(), s.rng.to_string()));
         extra.push(("Precision".into(), model.dtype().as_str().to_string()));
+        // AUTOMATIC1111's syntax is what its infotexts mean; plain text is said.
+        if s.text.syntax == crate::prompt::PromptSyntax::Plain {
+            extra.push(("Prompt syntax".into(), "plain".into()));
+        }
         GenerationParams {
             prompt: prompt.to_string(),
             negative_prompt: negative_prompt.to_string(),

@@ -15,11 +15,14 @@ use crate::noise::{NoiseSource, RngKind};
 use crate::preview::{latents_to_rgb, PreviewImage, PreviewMap};
 use crate::resources::{self, RunShape, WeightBytes, MAX_IMAGES, MAX_PIXELS, MAX_SIDE};
 use crate::schedulers::{self, DenoisedEstimate, Scheduler, SchedulerConfig, SchedulerKind};
+use crate::prompt::TextOptions;
 use crate::text::{ClipOutput, ClipTextConfig, ClipTextModel, ClipTokenizer};
 use crate::{Cancel, Error, Result, Setting};
 
 pub use crate::conditioning::{PromptEmbeddings, SizeConditioning, TextConditioning, TimeIds};
 pub use crate::model::family::Family;
+
+mod prompts;
 use crate::model::family::PIPELINE_CLASSES;
 
 /// Something the pipeline reports while it works; the library never prints.
@@ -580,7 +583,7 @@ impl StableDiffusion {
         } else {
             Some(self.encode_text(&encoders, negative_prompt, "negative prompt", on_event)?)
         };
-        Ok(PromptEmbeddings { cond, uncond })
+        Ok(PromptEmbeddings::fixed(cond, uncond))
     }
 
     fn encode_text(
@@ -666,24 +669,11 @@ impl StableDiffusion {
     ) -> Result<Tensor> {
         let unet = self.unet(&mut |_| {})?;
         let b = latents.dim(0)?;
-        let context = embeddings.batched(b)?.to_dtype(self.act_dtype)?;
         let cfg = embeddings.uncond.is_some();
         let rows = if cfg { 2 * b } else { b };
-        // SDXL: pooled text embeddings and size ids, [uncond x b, cond x b] like the context.
-        let text_time = match (&self.unet_config.text_time, embeddings.batched_pooled(b)?) {
-            (Some(_), Some(pooled)) => {
-                let ids = time_ids.ok_or_else(|| {
-                    Error::InvalidInput("internal error: SDXL size ids are missing".into())
-                })?;
-                Some((pooled, ids.batched(b, cfg, &self.device)?))
-            }
-            (None, None) => None,
-            _ => {
-                return Err(Error::InvalidInput(
-                    "internal error: pooled embeddings do not match the UNet".into(),
-                ))
-            }
-        };
+        // The UNet's text inputs of the step's conditioning (prompt editing changes them).
+        let mut inputs = StepInputs::new(self, &embeddings.at_step(0), b, time_ids)?;
+        let mut selection = embeddings.selection(0);
         // LCM: the guidance scale enters as an embedding of w = guidance - 1 (no CFG pass).
         let timestep_cond = match self.unet_config.time_cond_proj_dim {
             Some(dim) => Some(guidance_scale_embedding(
@@ -693,10 +683,6 @@ impl StableDiffusion {
             )?),
             None => None,
         };
-        let added = AddedConditioning {
-            text_time: text_time.as_ref().map(|(p, t)| (p, t)),
-            timestep_cond: timestep_cond.as_ref(),
-        };
         let timesteps = scheduler.timesteps().to_vec();
         // Previews: every n steps, x̂₀ from the scaled input and the guided output.
         let preview = match preview_every {
@@ -705,17 +691,13 @@ impl StableDiffusion {
         };
         let mut latents = latents;
         for (i, &t) in timesteps.iter().enumerate() {
+            if embeddings.selection(i) != selection {
+                selection = embeddings.selection(i);
+                inputs = StepInputs::new(self, &embeddings.at_step(i), b, time_ids)?;
+            }
             // Scaled once, then doubled for the guidance batch (the scaling is per element).
             let scaled = scheduler.scale_model_input(&latents, i)?;
-            let model_input = if cfg {
-                Tensor::cat(&[&scaled, &scaled], 0)?
-            } else {
-                scaled.clone()
-            }
-            .to_dtype(self.act_dtype)?;
-            let pred = unet
-                .forward_with(&model_input, t, &context, &added)?
-                .to_dtype(DType::F32)?;
+            let pred = inputs.predict(&unet, &scaled, t, timestep_cond.as_ref(), self.act_dtype)?;
             let pred = if cfg {
                 let uncond = pred.narrow(0, 0, b)?;
                 let text = pred.narrow(0, b, b)?;
@@ -850,10 +832,12 @@ impl StableDiffusion {
 
         self.ensure_loaded(Stage::TextEncode, on_event)?;
         let start = Instant::now();
-        let embeddings = self.encode_prompt(
+        let embeddings = self.encode_prompt_with(
             &req.prompt,
             &req.negative_prompt,
             req.sampling.guidance,
+            &req.sampling.text,
+            req.sampling.steps,
             on_event,
         )?;
         timings.text_encode = start.elapsed();
@@ -1058,6 +1042,7 @@ impl StableDiffusion {
     /// ([`Self::check_memory`]). Every run (generate, batch lines, walks) checks its settings
     /// here, once, before work.
     pub fn check_sampling(&self, s: &Sampling, batch: usize) -> Result<()> {
+        self.check_text_options(&s.text)?;
         let f = self.vae_scale_factor();
         for (setting, v) in [(Setting::Width, s.width), (Setting::Height, s.height)] {
             if v == 0 || v % f != 0 {
@@ -1389,6 +1374,107 @@ pub fn to_rgb8(image: &Tensor) -> Result<Vec<u8>> {
     Ok(v.into_iter().map(|x| x as u8).collect())
 }
 
+/// The UNet's text inputs for one conditioning: the context rows ([uncond x b, cond x b] with
+/// guidance) and SDXL's pooled embeddings with size ids. A prompt and negative prompt of
+/// different lengths (AUTOMATIC1111's chunks) run as two UNet batches, as AUTOMATIC1111 does.
+struct StepInputs {
+    /// One context for all rows, or (uncond, cond) when their lengths differ.
+    context: Vec<Tensor>,
+    /// Per context: SDXL's pooled embeddings and size ids for its rows.
+    text_time: Vec<Option<(Tensor, Tensor)>>,
+    b: usize,
+}
+
+impl StepInputs {
+    fn new(
+        model: &StableDiffusion,
+        e: &PromptEmbeddings,
+        b: usize,
+        time_ids: Option<&TimeIds>,
+    ) -> Result<Self> {
+        let cfg = e.uncond.is_some();
+        // SDXL: pooled text embeddings and size ids, [uncond x b, cond x b] like the context.
+        let text_time = match (&model.unet_config.text_time, e.batched_pooled(b)?) {
+            (Some(_), Some(pooled)) => {
+                let ids = time_ids.ok_or_else(|| {
+                    Error::InvalidInput("internal error: SDXL size ids are missing".into())
+                })?;
+                Some((pooled, ids.batched(b, cfg, &model.device)?))
+            }
+            (None, None) => None,
+            _ => {
+                return Err(Error::InvalidInput(
+                    "internal error: pooled embeddings do not match the UNet".into(),
+                ))
+            }
+        };
+        let act = model.act_dtype;
+        if !e.lengths_differ()? {
+            return Ok(Self {
+                context: vec![e.batched(b)?.to_dtype(act)?],
+                text_time: vec![text_time],
+                b,
+            });
+        }
+        let half = |t: &Option<(Tensor, Tensor)>, from: usize| -> Result<Option<(Tensor, Tensor)>> {
+            t.as_ref()
+                .map(|(p, ids)| Ok((p.narrow(0, from, b)?, ids.narrow(0, from, b)?)))
+                .transpose()
+        };
+        let uncond = PromptEmbeddings::fixed(
+            e.uncond.clone().ok_or_else(|| {
+                Error::InvalidInput("internal error: no negative prompt".into())
+            })?,
+            None,
+        );
+        let cond = PromptEmbeddings::fixed(e.cond.clone(), None);
+        Ok(Self {
+            context: vec![uncond.batched(b)?.to_dtype(act)?, cond.batched(b)?.to_dtype(act)?],
+            text_time: vec![half(&text_time, 0)?, half(&text_time, b)?],
+            b,
+        })
+    }
+
+    /// The UNet's prediction for `scaled` latents (b rows) at timestep `t`: 2b rows with
+    /// guidance ([uncond, cond]), else b; f32.
+    fn predict(
+        &self,
+        unet: &UNet,
+        scaled: &Tensor,
+        t: f64,
+        timestep_cond: Option<&Tensor>,
+        act: DType,
+    ) -> Result<Tensor> {
+        let run = |input: &Tensor, context: &Tensor, text_time: &Option<(Tensor, Tensor)>| {
+            let added = AddedConditioning {
+                text_time: text_time.as_ref().map(|(p, t)| (p, t)),
+                timestep_cond,
+            };
+            Ok::<_, Error>(unet.forward_with(input, t, context, &added)?.to_dtype(DType::F32)?)
+        };
+        let input = scaled.to_dtype(act)?;
+        match self.context.as_slice() {
+            [context] => {
+                let rows = context.dim(0)?;
+                let model_input = if rows == 2 * self.b {
+                    Tensor::cat(&[&input, &input], 0)?
+                } else {
+                    input
+                };
+                run(&model_input, context, &self.text_time[0])
+            }
+            [uncond, cond] => Ok(Tensor::cat(
+                &[
+                    &run(&input, uncond, &self.text_time[0])?,
+                    &run(&input, cond, &self.text_time[1])?,
+                ],
+                0,
+            )?),
+            _ => Err(Error::InvalidInput("internal error: no UNet context".into())),
+        }
+    }
+}
+
 /// How to sample: everything but the prompt and the seeds.
 #[derive(Debug, Clone)]
 pub struct Sampling {
@@ -1404,6 +1490,8 @@ pub struct Sampling {
     pub size_conditioning: SizeConditioning,
     /// Report an [`Event::Preview`] every this many steps (`None`: never). Changes no pixel.
     pub preview_every: Option<usize>,
+    /// How prompts are read and encoded.
+    pub text: TextOptions,
 }
 
 /// What to generate.

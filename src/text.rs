@@ -21,7 +21,7 @@ use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
 
 use crate::model::layers::{layer_norm, linear, LayerNorm, Linear};
 use crate::model::{ConfigFile, Weights};
-use crate::{Error, Result};
+use crate::{Error, Result, Setting};
 
 /// CLIP's pre-tokenization pattern (as in transformers' CLIPTokenizer): special tokens,
 /// contractions, runs of letters, single digits, runs of other non-space characters.
@@ -182,6 +182,26 @@ impl ClipTokenizer {
     /// Id of the pad token (`<|endoftext|>` 49407 for SD 1.x, `!` 0 for SD 2.x).
     pub fn pad_id(&self) -> u32 {
         self.pad_id
+    }
+
+    /// The ids of `text` without start and end tokens, however many (AUTOMATIC1111 tokenizes
+    /// each weighted run of a prompt this way).
+    pub fn ids_of(&self, text: &str) -> Result<Vec<u32>> {
+        let encoding = self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| Error::Tokenizer(format!("encoding {text:?}: {e}")))?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    /// The start (bos), end (eos) and pad ids, and the id of `,</w>` when there is one.
+    pub fn chunk_tokens(&self) -> crate::prompt::chunks::ChunkTokens {
+        crate::prompt::chunks::ChunkTokens {
+            start: self.bos_id,
+            end: self.eos_id,
+            pad: self.pad_id,
+            comma: self.tokenizer.token_to_id(",</w>"),
+        }
     }
 
     /// Tokenizes `prompt` into exactly `max_length` ids, reporting what truncation dropped.
@@ -565,6 +585,9 @@ pub enum ClipOutput {
     /// `hidden_states[-2]`: the penultimate layer's output, without the final layer norm
     /// (SDXL, both encoders).
     Penultimate,
+    /// `hidden_states[-n]` through the final layer norm: AUTOMATIC1111's "clip skip" n (1 is
+    /// [`ClipOutput::LastHidden`], 2 the penultimate layer).
+    Skip(usize),
 }
 
 /// The text encoder's outputs for a batch of token ids.
@@ -671,30 +694,48 @@ impl ClipTextModel {
                 c.vocab_size
             )));
         }
+        let layers = self.layers.len();
+        // hidden_states[k] is the output of the first k layers; hidden_states[-n] is
+        // hidden_states[layers + 1 - n].
+        let (wanted, normed) = match output {
+            ClipOutput::LastHidden => (layers, true),
+            ClipOutput::Penultimate => (layers.saturating_sub(1), false),
+            ClipOutput::Skip(n) if n >= 1 && n <= layers + 1 => (layers + 1 - n, true),
+            ClipOutput::Skip(n) => {
+                return Err(Error::setting(
+                    Setting::ClipSkip,
+                    n,
+                    format!("this text encoder has {layers} layers: at most {}", layers + 1),
+                ))
+            }
+        };
         let tokens = self.token_embedding.forward(&ids)?;
         let positions = self.position_embedding.narrow(0, 0, seq)?;
         let mut xs = tokens.broadcast_add(&positions)?;
         let mask = causal_mask(seq, xs.device())?;
-        // hidden_states[-2] is the input of the last layer; the last layer runs only when its
-        // output (last_hidden_state, or the pooled embedding read from it) is wanted.
-        let (last_layer, inner) = match self.layers.split_last() {
-            Some((last, inner)) => (Some(last), inner),
-            None => (None, &[][..]),
-        };
-        for layer in inner {
+        // Layers run only as far as an output needs them: the one asked for, and the last one
+        // when the pooled embedding (read from the final-normed last layer) is wanted.
+        let run_all = wanted == layers || self.text_projection.is_some();
+        let mut picked = None;
+        for (k, layer) in self.layers.iter().enumerate() {
+            if k == wanted {
+                picked = Some(xs.clone());
+                if !run_all {
+                    break;
+                }
+            }
             xs = layer.forward(&xs, &mask)?;
         }
-        let penultimate = match output {
-            ClipOutput::Penultimate => Some(xs.to_dtype(DType::F32)?),
-            ClipOutput::LastHidden => None,
-        };
-        let last = if output == ClipOutput::LastHidden || self.text_projection.is_some() {
-            if let Some(layer) = last_layer {
-                xs = layer.forward(&xs, &mask)?;
-            }
+        let last = if run_all {
             Some(norm_f32(&self.final_layer_norm, &xs)?.to_dtype(DType::F32)?)
         } else {
             None
+        };
+        let penultimate = match picked {
+            Some(h) if normed => Some(norm_f32(&self.final_layer_norm, &h)?.to_dtype(DType::F32)?),
+            Some(h) => Some(h.to_dtype(DType::F32)?),
+            None if wanted == layers && !normed => Some(xs.to_dtype(DType::F32)?),
+            None => None,
         };
         let pooled = match (&self.text_projection, &last) {
             (Some(proj), Some(last)) => {

@@ -278,6 +278,7 @@ fn render_jobs_batch_equals_single_on_latents() {
             rng: RngKind::Torch,
             size_conditioning: Default::default(),
             preview_every: None,
+            text: Default::default(),
         },
         repeat: 1,
     };
@@ -633,6 +634,7 @@ fn the_library_run_stops_after_the_batch_in_flight_when_cancelled() {
         rng: RngKind::Torch,
         size_conditioning: Default::default(),
         preview_every: None,
+        text: Default::default(),
     };
     // The settings check comes first, before the folder is touched.
     let bad = BatchConfig {

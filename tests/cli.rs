@@ -252,20 +252,31 @@ fn damaged_models_are_clear_errors() {
 }
 
 #[test]
-fn long_prompt_warns_which_words_were_dropped() {
+fn long_prompt_warns_which_words_were_dropped_in_plain_syntax_only() {
     let dir = tempfile::tempdir().unwrap();
     let model = sd1();
     let out_s = dir.path().join("long.png").display().to_string();
     let prompt = format!("{} zebra giraffe", "cat ".repeat(80));
-    let o = latent(&[
+    let args = [
         "generate", &prompt, "--model", &model, "--steps", "2", "-o", &out_s,
-    ]);
+    ];
+    let o = latent(&[&args[..], &["--prompt-syntax", "plain"]].concat());
     assert!(o.status.success(), "{}", stderr(&o));
     let err = stderr(&o);
     assert!(
         err.contains("warning:") && err.contains("zebra giraffe"),
         "{err}"
     );
+    let params = latent(&["info", &out_s]);
+    let text = String::from_utf8_lossy(&params.stdout).into_owned();
+    assert!(text.contains("Prompt syntax: plain"), "{text}");
+    // AUTOMATIC1111's syntax (the default) encodes the prompt in two chunks: nothing is lost.
+    std::fs::remove_file(&out_s).unwrap();
+    let o = latent(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("dropped"), "{}", stderr(&o));
+    let again = latent(&["info", &out_s]);
+    assert!(!String::from_utf8_lossy(&again.stdout).contains("Prompt syntax"));
 }
 
 #[test]

@@ -683,6 +683,7 @@ fn score(model: &StableDiffusion, label: &str, cases: &[Case], first_seed: u64) 
         rng: RngKind::Torch,
         size_conditioning: Default::default(),
         preview_every: None,
+        text: Default::default(),
     };
     let embeddings: Vec<PromptEmbeddings> = cases
         .iter()

@@ -122,6 +122,7 @@ fn sampling(side: usize) -> latent::pipeline::Sampling {
         rng: latent::noise::RngKind::Torch,
         size_conditioning: Default::default(),
         preview_every: None,
+        text: Default::default(),
     }
 }
 

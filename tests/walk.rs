@@ -247,6 +247,7 @@ fn sampling(scheduler: SchedulerKind, steps: usize) -> Sampling {
         rng: RngKind::Torch,
         size_conditioning: Default::default(),
         preview_every: None,
+        text: Default::default(),
     }
 }
 
@@ -352,13 +353,13 @@ fn check_frames_equal_their_single_renders(model: &StableDiffusion) {
             let lerp = |x: &TextConditioning, y: &TextConditioning| {
                 TextConditioning::zip_with(x, y, |p, q| text.apply(p, q, s)).unwrap()
             };
-            let emb = PromptEmbeddings {
-                cond: lerp(&ea.cond, &eb.cond),
-                uncond: Some(lerp(
+            let emb = PromptEmbeddings::fixed(
+                lerp(&ea.cond, &eb.cond),
+                Some(lerp(
                     ea.uncond.as_ref().unwrap(),
                     eb.uncond.as_ref().unwrap(),
                 )),
-            };
+            );
             let alone = model
                 .render_batch(
                     &emb,

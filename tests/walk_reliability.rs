@@ -440,6 +440,7 @@ fn a_cancelled_run_stops_after_its_batch_and_resumes() {
         rng: RngKind::Torch,
         size_conditioning: Default::default(),
         preview_every: None,
+        text: Default::default(),
     };
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("w");

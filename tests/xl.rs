@@ -211,6 +211,7 @@ fn run_case(case: &Value, models: &mut HashMap<PathBuf, StableDiffusion>, tmp: &
                 negative_target_size: size_arg(args, "negative_target_size"),
             },
             preview_every: None,
+            text: Default::default(),
         },
         seeds: (0..n).map(|i| seed + i).collect(),
         batch_size: n as usize,

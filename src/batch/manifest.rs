@@ -5,6 +5,7 @@ use std::fs::{self, File};
 use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
+use crate::prompt::PromptSyntax;
 use serde::{Deserialize, Serialize};
 
 use crate::pipeline::Timings;
@@ -78,6 +79,12 @@ pub struct Record {
     /// records of runs that used the model's own, and in records written before this field.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vae: Option<String>,
+    /// How the prompts were read; records written before this field read them as plain text.
+    #[serde(default = "plain_syntax")]
+    pub prompt_syntax: PromptSyntax,
+    /// AUTOMATIC1111's clip skip (1 in records written before this field).
+    #[serde(default = "one")]
+    pub clip_skip: usize,
     /// Images in the UNet batch that made this one; `None` for a recovered image (see
     /// [`Existing::Same`]).
     pub batch_size: Option<usize>,
@@ -87,6 +94,14 @@ pub struct Record {
     pub timings: Option<RecordTimings>,
     /// When the record was written, seconds since the Unix epoch.
     pub finished_unix_s: f64,
+}
+
+fn plain_syntax() -> PromptSyntax {
+    PromptSyntax::Plain
+}
+
+fn one() -> usize {
+    1
 }
 
 /// What every record of a run shares.
@@ -137,6 +152,8 @@ impl Record {
             device: run.device.clone(),
             dtype: run.dtype.clone(),
             vae: run.vae.clone(),
+            prompt_syntax: s.text.syntax,
+            clip_skip: s.text.clip_skip,
             batch_size,
             parameters,
             timings,
@@ -163,6 +180,8 @@ impl Record {
             model: self.model.clone(),
             dtype: self.dtype.clone(),
             vae: self.vae.clone(),
+            prompt_syntax: self.prompt_syntax,
+            clip_skip: self.clip_skip,
         }
     }
 }
@@ -185,6 +204,8 @@ pub struct ItemKey {
     pub(super) model: String,
     pub(super) dtype: String,
     pub(super) vae: Option<String>,
+    pub(super) prompt_syntax: PromptSyntax,
+    pub(super) clip_skip: usize,
 }
 
 /// The manifest file, open for appending records.

@@ -67,6 +67,8 @@ impl Job {
             model: run.model.clone(),
             dtype: run.dtype.clone(),
             vae: run.vae.clone(),
+            prompt_syntax: s.text.syntax,
+            clip_skip: s.text.clip_skip,
         }
     }
 }

@@ -46,8 +46,14 @@ pub fn render_jobs(
         let at = match found {
             Some(at) => at,
             None => {
-                let e =
-                    model.encode_prompt(&job.prompt, &job.negative_prompt, s.guidance, on_event)?;
+                let e = model.encode_prompt_with(
+                    &job.prompt,
+                    &job.negative_prompt,
+                    s.guidance,
+                    &s.text,
+                    s.steps,
+                    on_event,
+                )?;
                 encoded.push((&job.prompt, &job.negative_prompt, e));
                 encoded.len() - 1
             }

@@ -436,6 +436,7 @@ fn defaults() -> Defaults {
             rng: RngKind::Torch,
             size_conditioning: Default::default(),
             preview_every: None,
+            text: Default::default(),
         },
         repeat: 2,
     }

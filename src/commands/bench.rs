@@ -51,10 +51,12 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     let mut timings = Timings::default();
     model.ensure_loaded(Stage::TextEncode, &mut |_| {})?;
     let t = Instant::now();
-    let embeddings = model.encode_prompt(
+    let embeddings = model.encode_prompt_with(
         &req.prompt,
         &req.negative_prompt,
         sampling.guidance,
+        &sampling.text,
+        sampling.steps,
         &mut |_| {},
     )?;
     timings.text_encode = t.elapsed();

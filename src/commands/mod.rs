@@ -138,5 +138,6 @@ pub fn sampling_for(model: &StableDiffusion, s: &SamplingArgs) -> Result<Samplin
         rng: s.rng,
         size_conditioning: s.size_conditioning(),
         preview_every: None,
+        text: s.text_options(),
     })
 }

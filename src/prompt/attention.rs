@@ -43,8 +43,8 @@ enum Token<'a> {
     /// `\(`, `\)`, `\[`, `\]`, `\\` or a lone `\`: the text after the backslash.
     Escaped(&'a str),
     Open(char),
-    /// `:1.3)`: the weight's text.
-    WeightClose(&'a str),
+    /// `:1.3)` or `: 1.3 )`: the whole match and the weight's text.
+    WeightClose(&'a str, &'a str),
     Close(char),
     /// A run without brackets, backslashes or colons; or a lone `:`.
     Text(&'a str),
@@ -62,15 +62,25 @@ fn tokens(text: &str) -> Vec<Token<'_>> {
             '(' | '[' => (Token::Open(c), 1),
             ')' | ']' => (Token::Close(c), 1),
             ':' => {
-                // `:([+-]?[.\d]+)\)`
-                let body = &rest[1..];
+                // `:\s*([+-]?[.\d]+)\s*\)`
+                let skip_space = |from: usize| {
+                    rest[from..]
+                        .find(|c: char| !c.is_whitespace())
+                        .map_or(rest.len(), |i| from + i)
+                };
+                let start = skip_space(1);
+                let body = &rest[start..];
                 let sign = usize::from(body.starts_with(['+', '-']));
                 let digits = body[sign..]
                     .find(|c: char| !(c == '.' || c.is_ascii_digit()))
                     .unwrap_or(body.len() - sign);
-                let end = 1 + sign + digits;
-                if digits > 0 && rest[end..].starts_with(')') {
-                    (Token::WeightClose(&rest[1..end]), end + 1)
+                let end = start + sign + digits;
+                let close = skip_space(end);
+                if digits > 0 && rest[close..].starts_with(')') {
+                    (
+                        Token::WeightClose(&rest[..close + 1], &rest[start..end]),
+                        close + 1,
+                    )
                 } else {
                     (Token::Text(":"), 1)
                 }
@@ -146,7 +156,7 @@ pub fn parse_attention(text: &str) -> Result<Vec<Run>, String> {
             Token::Escaped(t) => res.push(Run::new(t, 1.0)),
             Token::Open('(') => round.push(res.len()),
             Token::Open(_) => square.push(res.len()),
-            Token::WeightClose(w) if !round.is_empty() => {
+            Token::WeightClose(_, w) if !round.is_empty() => {
                 let weight: f64 = w
                     .parse()
                     .map_err(|_| format!("emphasis weight `{w}` is not a number"))?;
@@ -164,7 +174,7 @@ pub fn parse_attention(text: &str) -> Result<Vec<Run>, String> {
             other => {
                 let literal = match other {
                     Token::Text(t) => t.to_string(),
-                    Token::WeightClose(w) => format!(":{w})"),
+                    Token::WeightClose(whole, _) => whole.to_string(),
                     Token::Close(c) | Token::Open(c) => c.to_string(),
                     Token::Escaped(t) => t.to_string(),
                 };

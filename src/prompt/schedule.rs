@@ -7,8 +7,8 @@
 //! start:       (prompt | any of "[]():" as literal text)*
 //! prompt:      (emphasized | scheduled | alternate | plain | whitespace)*
 //! emphasized:  "(" prompt ")" | "(" prompt ":" prompt ")" | "[" prompt "]"   (kept as text)
-//! scheduled:   "[" [prompt ":"] prompt ":" [whitespace] NUMBER "]"
-//! alternate:   "[" prompt ("|" prompt)+ "]"
+//! scheduled:   "[" [prompt ":"] prompt ":" [whitespace] NUMBER [whitespace] "]"
+//! alternate:   "[" prompt ("|" [prompt])+ "]"
 //! plain:       characters other than \ [ ] ( ) : |, or a backslash and any character
 //! ```
 //!
@@ -17,9 +17,13 @@
 //! that does not parse at all (a `|` outside an alternation, a trailing backslash) is one
 //! schedule entry holding the whole prompt, as in AUTOMATIC1111.
 //!
-//! `when` below 1 is a fraction of the steps; the step is then truncated toward zero and
-//! capped at the step count (AUTOMATIC1111's `min(steps, int(when))`). Text before the switch
-//! is used while `step <= when`. An alternation adds every step 1..=steps to the schedule.
+//! `when` written with a decimal point is a fraction of the steps (`0.5` of 20 is 10, `1.0` is
+//! all 20), without one a step number (`1e1` is 10); the step is truncated toward zero and
+//! capped at the step count (AUTOMATIC1111's `min(steps, int(when))`), and only a switch at
+//! step 1 or later becomes a schedule entry. Text before the switch is used while
+//! `step <= when`. An alternation adds every step 1..=steps to the schedule; an empty option
+//! is empty text. (This is AUTOMATIC1111's current scheduling, not the `use_old_scheduling`
+//! compatibility option, and without hires fix.)
 
 /// A parsed prompt: text, and the structured groups inside it.
 #[derive(Debug, Clone, PartialEq)]
@@ -29,7 +33,7 @@ enum Node {
         before: Vec<Node>,
         after: Vec<Node>,
         /// The number as written.
-        when: f64,
+        when: String,
     },
     Alternate(Vec<Vec<Node>>),
 }
@@ -155,14 +159,19 @@ impl<'a> Parser<'a> {
         }
     }
 
-    /// `[whitespace] NUMBER "]"` at `pos`: lark's SIGNED_NUMBER (`[+-]`, then digits with an
-    /// optional fraction, or a fraction alone, then an optional exponent).
-    fn number_close(&self, pos: usize) -> Option<(f64, usize)> {
-        let b = self.s.as_bytes();
-        let mut p = pos;
+    /// The end of the whitespace run at `pos`.
+    fn whitespace(&self, mut p: usize) -> usize {
         while let Some(c) = self.peek(p).filter(|c| c.is_whitespace()) {
             p += c.len_utf8();
         }
+        p
+    }
+
+    /// `[whitespace] NUMBER [whitespace] "]"` at `pos`: lark's SIGNED_NUMBER (`[+-]`, then
+    /// digits with an optional fraction, or a fraction alone, then an optional exponent).
+    fn number_close(&self, pos: usize) -> Option<(String, usize)> {
+        let b = self.s.as_bytes();
+        let mut p = self.whitespace(pos);
         let start = p;
         if matches!(b.get(p), Some(b'+' | b'-')) {
             p += 1;
@@ -196,11 +205,12 @@ impl<'a> Parser<'a> {
                 p = q;
             }
         }
+        let number = self.s[start..p].to_string();
+        let p = self.whitespace(p);
         if b.get(p) != Some(&b']') {
             return None;
         }
-        let value = self.s[start..p].parse().ok()?;
-        Some((value, p + 1))
+        Some((number, p + 1))
     }
 
     /// `start`: items, or one of `[]():` as literal text; `None` when the prompt does not parse.
@@ -233,10 +243,16 @@ pub struct Scheduled {
     pub text: String,
 }
 
-/// The step a `when` switches at: a fraction of `steps` below 1, truncated toward zero, at
-/// most `steps` (an infinite number, where Python would raise, is `steps`).
-fn switch_step(when: f64, steps: i64) -> i64 {
-    let w = if when < 1.0 { when * steps as f64 } else { when };
+/// The step a `when` switches at: with a decimal point a fraction of `steps`, else a step;
+/// truncated toward zero, at most `steps` (an infinite number, where Python would raise, is
+/// `steps`).
+fn switch_step(when: &str, steps: i64) -> i64 {
+    let value: f64 = when.parse().unwrap_or(f64::NAN);
+    let w = if when.contains('.') {
+        value * steps as f64
+    } else {
+        value
+    };
     if w.is_nan() {
         return steps;
     }
@@ -255,7 +271,10 @@ fn collect_steps(nodes: &[Node], steps: i64, out: &mut Vec<i64>) {
             } => {
                 collect_steps(before, steps, out);
                 collect_steps(after, steps, out);
-                out.push(switch_step(*when, steps));
+                let at = switch_step(when, steps);
+                if at >= 1 {
+                    out.push(at);
+                }
             }
             Node::Alternate(options) => {
                 for o in options {
@@ -276,7 +295,7 @@ fn text_at(nodes: &[Node], step: i64, steps: i64, out: &mut String) {
                 after,
                 when,
             } => {
-                let chosen = if step <= switch_step(*when, steps) {
+                let chosen = if step <= switch_step(when, steps) {
                     before
                 } else {
                     after
@@ -363,10 +382,18 @@ mod tests {
     fn edge_cases_as_automatic1111_runs_them() {
         assert_eq!(g("[a:b]"), s(&[(10, "[a:b]")]));
         assert_eq!(g("a|b"), s(&[(10, "a|b")]));
-        assert_eq!(g("[a:-1]"), s(&[(-10, ""), (10, "a")]));
+        assert_eq!(g("[a:-1]"), s(&[(10, "a")]));
         assert_eq!(g("x [a:1e1] y"), s(&[(10, "x  y")]));
-        assert_eq!(g("[a:b:0]"), s(&[(0, "a"), (10, "b")]));
+        assert_eq!(g("[a:b:0]"), s(&[(10, "b")]));
         assert_eq!(g("[:b:2]"), s(&[(2, ""), (10, "b")]));
         assert_eq!(g("[ [a:2] ]"), s(&[(2, "[  ]"), (10, "[ a ]")]));
+        // A decimal point makes a fraction, even 1.0; whitespace may close the number.
+        assert_eq!(g("a [b:1.0] c"), s(&[(10, "a  c")]));
+        assert_eq!(g("[a:b: 3 ]"), s(&[(3, "a"), (10, "b")]));
+        // Empty alternatives are empty text.
+        let alt: Vec<(i64, String)> = (1..=10)
+            .map(|i| (i, ["a", "", "b"][(i as usize - 1) % 3].to_string()))
+            .collect();
+        assert_eq!(g("[a||b]"), alt);
     }
 }

@@ -293,6 +293,7 @@ mod tests {
                 rng: RngKind::Torch,
                 size_conditioning: Default::default(),
                 preview_every: None,
+                text: Default::default(),
             },
             looped: false,
             ease: Ease::Linear,

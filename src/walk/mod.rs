@@ -227,7 +227,23 @@ impl<'m> Walk<'m> {
             let e = match same {
                 Some(j) => embeddings[j].clone(),
                 None => {
-                    model.encode_prompt(&kf.prompt, &kf.negative_prompt, max_guidance, on_event)?
+                    let e = model.encode_prompt_with(
+                        &kf.prompt,
+                        &kf.negative_prompt,
+                        max_guidance,
+                        &s.text,
+                        s.steps,
+                        on_event,
+                    )?;
+                    if e.schedule.is_some() {
+                        return Err(Error::setting(
+                            Setting::Prompt,
+                            crate::text::excerpt(&kf.prompt, 60),
+                            "prompt editing [from:to:when] and alternation [a|b] are not \
+                             supported in walks (frames interpolate between fixed prompts)",
+                        ));
+                    }
+                    e
                 }
             };
             embeddings.push(e);
@@ -314,7 +330,7 @@ impl<'m> Walk<'m> {
             seed: a.seed,
             guidance,
             noise,
-            embeddings: PromptEmbeddings { cond, uncond },
+            embeddings: PromptEmbeddings::fixed(cond, uncond),
         })
     }
 
