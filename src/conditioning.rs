@@ -116,7 +116,10 @@ pub struct StepSchedule {
 
 /// The index of the entry of `entries` in use at `step`.
 fn entry_at<T>(entries: &[(i64, T)], step: i64) -> usize {
-    entries.iter().position(|(until, _)| step <= *until).unwrap_or(0)
+    entries
+        .iter()
+        .position(|(until, _)| step <= *until)
+        .unwrap_or(0)
 }
 
 impl StepSchedule {

@@ -13,9 +13,9 @@ use crate::model::{
 };
 use crate::noise::{NoiseSource, RngKind};
 use crate::preview::{latents_to_rgb, PreviewImage, PreviewMap};
+use crate::prompt::TextOptions;
 use crate::resources::{self, RunShape, WeightBytes, MAX_IMAGES, MAX_PIXELS, MAX_SIDE};
 use crate::schedulers::{self, DenoisedEstimate, Scheduler, SchedulerConfig, SchedulerKind};
-use crate::prompt::TextOptions;
 use crate::text::{ClipOutput, ClipTextConfig, ClipTextModel, ClipTokenizer};
 use crate::{Cancel, Error, Result, Setting};
 
@@ -1416,20 +1416,24 @@ impl StepInputs {
                 b,
             });
         }
-        let half = |t: &Option<(Tensor, Tensor)>, from: usize| -> Result<Option<(Tensor, Tensor)>> {
-            t.as_ref()
-                .map(|(p, ids)| Ok((p.narrow(0, from, b)?, ids.narrow(0, from, b)?)))
-                .transpose()
-        };
+        let half =
+            |t: &Option<(Tensor, Tensor)>, from: usize| -> Result<Option<(Tensor, Tensor)>> {
+                t.as_ref()
+                    .map(|(p, ids)| Ok((p.narrow(0, from, b)?, ids.narrow(0, from, b)?)))
+                    .transpose()
+            };
         let uncond = PromptEmbeddings::fixed(
-            e.uncond.clone().ok_or_else(|| {
-                Error::InvalidInput("internal error: no negative prompt".into())
-            })?,
+            e.uncond
+                .clone()
+                .ok_or_else(|| Error::InvalidInput("internal error: no negative prompt".into()))?,
             None,
         );
         let cond = PromptEmbeddings::fixed(e.cond.clone(), None);
         Ok(Self {
-            context: vec![uncond.batched(b)?.to_dtype(act)?, cond.batched(b)?.to_dtype(act)?],
+            context: vec![
+                uncond.batched(b)?.to_dtype(act)?,
+                cond.batched(b)?.to_dtype(act)?,
+            ],
             text_time: vec![half(&text_time, 0)?, half(&text_time, b)?],
             b,
         })
@@ -1450,7 +1454,10 @@ impl StepInputs {
                 text_time: text_time.as_ref().map(|(p, t)| (p, t)),
                 timestep_cond,
             };
-            Ok::<_, Error>(unet.forward_with(input, t, context, &added)?.to_dtype(DType::F32)?)
+            Ok::<_, Error>(
+                unet.forward_with(input, t, context, &added)?
+                    .to_dtype(DType::F32)?,
+            )
         };
         let input = scaled.to_dtype(act)?;
         match self.context.as_slice() {
@@ -1470,7 +1477,9 @@ impl StepInputs {
                 ],
                 0,
             )?),
-            _ => Err(Error::InvalidInput("internal error: no UNet context".into())),
+            _ => Err(Error::InvalidInput(
+                "internal error: no UNet context".into(),
+            )),
         }
     }
 }

@@ -705,7 +705,10 @@ impl ClipTextModel {
                 return Err(Error::setting(
                     Setting::ClipSkip,
                     n,
-                    format!("this text encoder has {layers} layers: at most {}", layers + 1),
+                    format!(
+                        "this text encoder has {layers} layers: at most {}",
+                        layers + 1
+                    ),
                 ))
             }
         };

@@ -20,10 +20,7 @@ impl StableDiffusion {
     /// Checks `text` against the model before any work: clip skip from 1 to the encoder's
     /// layers + 1.
     pub fn check_text_options(&self, text: &TextOptions) -> Result<()> {
-        let layers = self
-            .text
-            .first()
-            .map_or(0, |t| t.config.num_hidden_layers);
+        let layers = self.text.first().map_or(0, |t| t.config.num_hidden_layers);
         if text.clip_skip == 0 || text.clip_skip > layers.max(1) {
             return Err(Error::setting(
                 Setting::ClipSkip,

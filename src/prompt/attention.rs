@@ -56,7 +56,9 @@ fn tokens(text: &str) -> Vec<Token<'_>> {
     while let Some(c) = rest.chars().next() {
         let (token, len) = match c {
             '\\' => match rest[1..].chars().next() {
-                Some(n @ ('(' | ')' | '[' | ']' | '\\')) => (Token::Escaped(&rest[1..2]), 1 + n.len_utf8()),
+                Some(n @ ('(' | ')' | '[' | ']' | '\\')) => {
+                    (Token::Escaped(&rest[1..2]), 1 + n.len_utf8())
+                }
                 _ => (Token::Escaped(""), 1),
             },
             '(' | '[' => (Token::Open(c), 1),

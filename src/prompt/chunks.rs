@@ -69,7 +69,10 @@ impl Builder {
         w.push(1.0);
         w.extend(weights);
         w.push(1.0);
-        Chunk { ids: all, weights: w }
+        Chunk {
+            ids: all,
+            weights: w,
+        }
     }
 }
 

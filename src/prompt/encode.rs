@@ -44,10 +44,7 @@ pub fn encode_texts(
     let mut hidden: Vec<Vec<Tensor>> = vec![Vec::new(); texts.len()];
     let mut pooled: Vec<Option<Tensor>> = vec![None; texts.len()];
     for k in 0..count {
-        let batch: Vec<&Chunk> = chunked
-            .iter()
-            .map(|c| c.get(k).unwrap_or(&empty))
-            .collect();
+        let batch: Vec<&Chunk> = chunked.iter().map(|c| c.get(k).unwrap_or(&empty)).collect();
         let ids: Vec<u32> = batch.iter().flat_map(|c| c.ids.iter().copied()).collect();
         let weights: Vec<f32> = batch
             .iter()

@@ -10,7 +10,9 @@ pub use attention::{parse_attention, Run};
 pub use schedule::{schedule, Scheduled};
 
 /// How a prompt's text is read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum PromptSyntax {
     /// AUTOMATIC1111's: emphasis, `BREAK`, chunks of 75 tokens, prompt editing, alternation.
