@@ -1011,6 +1011,7 @@ impl StableDiffusion {
         )?;
         let s = &req.sampling;
         self.check_sampling(s, req.batch_size.min(req.seeds.len()))?;
+        crate::prompt::check_prompts(&req.prompt, &req.negative_prompt, &s.text, s.steps)?;
         if let Some(l) = &req.latents {
             let f = self.vae_scale_factor();
             let want = [

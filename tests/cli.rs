@@ -373,3 +373,57 @@ fn f16_decode_overflow_warns_and_redecodes_in_f32() {
     );
     assert!(image::open(&out).is_ok());
 }
+
+#[test]
+fn prompt_syntax_errors_are_one_line_before_any_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = sd1();
+    let out = dir.path().join("x.png").display().to_string();
+    let base = ["generate", "--model", &model, "--steps", "2", "-o", &out];
+    // A weight that is not a number: AUTOMATIC1111 refuses it too.
+    let err = fails(&[&base[..], &["a (cat:1.2.3) hat"]].concat());
+    assert!(err.contains("the prompt") && err.contains("1.2.3"), "{err}");
+    let err = fails(&[&base[..], &["a cat", "--neg", "(x:1..5)"]].concat());
+    assert!(
+        err.contains("--negative-prompt") && err.contains("1..5"),
+        "{err}"
+    );
+    let err = fails(&[&base[..], &["a cat", "--clip-skip", "3"]].concat());
+    assert!(
+        err.contains("--clip-skip 3") && err.contains("between 1 and 2"),
+        "{err}"
+    );
+    let err = fails(&[&base[..], &["a cat", "--prompt-syntax", "comfy"]].concat());
+    assert!(err.contains("a1111 or plain"), "{err}");
+    // Unbalanced brackets are text, as in AUTOMATIC1111; the plain reading takes anything.
+    let o = latent(&[&base[..], &["a (cat", "--prompt-syntax", "plain"]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!Path::new(&dir.path().join("y.png")).exists());
+    // Walks refuse prompt editing before rendering a frame.
+    let walk_out = dir.path().join("walk").display().to_string();
+    let err = fails(&[
+        "walk",
+        "--model",
+        &model,
+        "-p",
+        "[a cat:a dog:1]",
+        "-p",
+        "a dog",
+        "--seed",
+        "1",
+        "--seed",
+        "2",
+        "--frames",
+        "2",
+        "--steps",
+        "2",
+        "-W",
+        "32",
+        "-H",
+        "32",
+        "-o",
+        &walk_out,
+    ]);
+    assert!(err.contains("not supported in walks"), "{err}");
+    assert!(!Path::new(&walk_out).join("frame-0000.png").exists());
+}

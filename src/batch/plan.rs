@@ -185,5 +185,7 @@ fn resolve_line(
 /// (the pipeline's one check of them, [`StableDiffusion::check_sampling`]).
 pub fn validate_job(model: &StableDiffusion, job: &Job) -> Result<()> {
     crate::pipeline::check_prompts(&job.prompt, &job.negative_prompt)?;
+    let s = &job.sampling;
+    crate::prompt::check_prompts(&job.prompt, &job.negative_prompt, &s.text, s.steps)?;
     model.check_sampling(&job.sampling, 1)
 }

@@ -49,3 +49,32 @@ impl Default for TextOptions {
         }
     }
 }
+
+/// Checks that AUTOMATIC1111's syntax can read `prompt` and `negative_prompt` (an emphasis
+/// weight such as `(a:1.2.3)` that is not a number is the one thing it refuses), before any
+/// work; plain text always reads.
+pub fn check_prompts(
+    prompt: &str,
+    negative_prompt: &str,
+    text: &TextOptions,
+    steps: usize,
+) -> crate::Result<()> {
+    if text.syntax == PromptSyntax::Plain {
+        return Ok(());
+    }
+    for (setting, p) in [
+        (crate::Setting::Prompt, prompt),
+        (crate::Setting::NegativePrompt, negative_prompt),
+    ] {
+        for entry in schedule(p, steps.max(1)) {
+            if let Err(reason) = parse_attention(&entry.text) {
+                return Err(crate::Error::setting(
+                    setting,
+                    crate::text::excerpt(p, 60),
+                    reason,
+                ));
+            }
+        }
+    }
+    Ok(())
+}

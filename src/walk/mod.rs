@@ -226,25 +226,14 @@ impl<'m> Walk<'m> {
                 .position(|o| o.prompt == kf.prompt && o.negative_prompt == kf.negative_prompt);
             let e = match same {
                 Some(j) => embeddings[j].clone(),
-                None => {
-                    let e = model.encode_prompt_with(
-                        &kf.prompt,
-                        &kf.negative_prompt,
-                        max_guidance,
-                        &s.text,
-                        s.steps,
-                        on_event,
-                    )?;
-                    if e.schedule.is_some() {
-                        return Err(Error::setting(
-                            Setting::Prompt,
-                            crate::text::excerpt(&kf.prompt, 60),
-                            "prompt editing [from:to:when] and alternation [a|b] are not \
-                             supported in walks (frames interpolate between fixed prompts)",
-                        ));
-                    }
-                    e
-                }
+                None => model.encode_prompt_with(
+                    &kf.prompt,
+                    &kf.negative_prompt,
+                    max_guidance,
+                    &s.text,
+                    s.steps,
+                    on_event,
+                )?,
             };
             embeddings.push(e);
         }
@@ -452,6 +441,25 @@ pub fn check_walk(
     check_keyframes(keyframes)?;
     // Stage 0 with the settings every frame shares.
     model.check_sampling(&settings.sampling, 1)?;
+    let s = &settings.sampling;
+    for kf in keyframes {
+        crate::prompt::check_prompts(&kf.prompt, &kf.negative_prompt, &s.text, s.steps)?;
+        if s.text.syntax == crate::prompt::PromptSyntax::A1111 {
+            for (setting, p) in [
+                (Setting::Prompt, &kf.prompt),
+                (Setting::NegativePrompt, &kf.negative_prompt),
+            ] {
+                if crate::prompt::schedule(p, s.steps.max(1)).len() > 1 {
+                    return Err(Error::setting(
+                        setting,
+                        crate::text::excerpt(p, 60),
+                        "prompt editing [from:to:when] and alternation [a|b] are not supported \
+                         in walks (frames interpolate between fixed prompts)",
+                    ));
+                }
+            }
+        }
+    }
     Ok(frames)
 }
 
