@@ -60,6 +60,11 @@ pub struct ModelArgs {
     /// local folder or hub repo id with config.json and diffusion_pytorch_model.safetensors.
     #[arg(long, value_name = "PATH_OR_REPO")]
     pub vae: Option<String>,
+    /// Textual-inversion embeddings: a folder of .safetensors files (AUTOMATIC1111's or
+    /// diffusers' format); a file's name without .safetensors, written in a prompt, stands for
+    /// its vectors. Default: $LATENT_EMBEDDINGS_DIR when set.
+    #[arg(long, value_name = "DIR", env = "LATENT_EMBEDDINGS_DIR")]
+    pub embeddings: Option<std::path::PathBuf>,
 }
 
 /// Flags of one sampling run; shared by generate, walk and batch.
@@ -401,6 +406,7 @@ pub fn flag(setting: Setting) -> &'static str {
         Setting::Merge => "--merge",
         Setting::PromptSyntax => "--prompt-syntax",
         Setting::ClipSkip => "--clip-skip",
+        Setting::Embeddings => "--embeddings",
         _ => "an option",
     }
 }

@@ -143,6 +143,8 @@ pub enum Setting {
     PromptSyntax,
     /// AUTOMATIC1111's "clip skip".
     ClipSkip,
+    /// Textual-inversion embeddings (a folder or file).
+    Embeddings,
 }
 
 impl Setting {
@@ -178,6 +180,7 @@ impl Setting {
             Setting::Merge => "merge",
             Setting::PromptSyntax => "prompt_syntax",
             Setting::ClipSkip => "clip_skip",
+            Setting::Embeddings => "embeddings",
         }
     }
 }

@@ -170,6 +170,8 @@ pub struct StableDiffusion {
     act_dtype: DType,
     /// Parameters of each component's weight file (from the headers), for the memory estimate.
     parameters: WeightBytes,
+    /// Textual-inversion embeddings a prompt may name.
+    embeddings: Vec<crate::prompt::embeddings::Embedding>,
 }
 
 /// Characters of dropped prompt text a truncation warning shows: enough to recognise the
@@ -358,6 +360,7 @@ impl StableDiffusion {
             family,
             text,
             force_zeros_for_empty_prompt,
+            embeddings: Vec::new(),
             unet_config,
             unet_path,
             vae,

@@ -678,6 +678,21 @@ impl ClipTextModel {
     /// `input_ids` (b, seq) u32 -> the hidden states `output` names (b, seq, hidden) and,
     /// with a projection, the pooled `text_embeds` (b, projection_dim), both f32.
     pub fn encode(&self, input_ids: &Tensor, output: ClipOutput) -> Result<ClipEncoding> {
+        self.encode_fixed(input_ids, &[], None, output)
+    }
+
+    /// [`Self::encode`] with token embeddings replaced before the position embeddings are
+    /// added: `fixes[row]` holds (position, vectors (n, hidden)) pairs, each overwriting the
+    /// embeddings from `position` on (cut at the end of the row), as AUTOMATIC1111 places
+    /// textual-inversion vectors. `pool_ids`, when given, are the ids the pooled position is
+    /// read from instead of `input_ids` (diffusers' added tokens have ids past the vocabulary).
+    pub fn encode_fixed(
+        &self,
+        input_ids: &Tensor,
+        fixes: &[Vec<(usize, Tensor)>],
+        pool_ids: Option<&[Vec<u32>]>,
+        output: ClipOutput,
+    ) -> Result<ClipEncoding> {
         let (b, seq) = input_ids.dims2()?;
         let c = &self.config;
         if seq == 0 || seq > c.max_position_embeddings {
@@ -712,7 +727,32 @@ impl ClipTextModel {
                 ))
             }
         };
-        let tokens = self.token_embedding.forward(&ids)?;
+        let mut tokens = self.token_embedding.forward(&ids)?;
+        if fixes.iter().any(|f| !f.is_empty()) {
+            let rows = (0..b)
+                .map(|i| {
+                    let mut row = tokens.get(i)?;
+                    for (at, vectors) in fixes.get(i).map_or(&[][..], |f| f.as_slice()) {
+                        let n = vectors.dim(0)?.min(seq.saturating_sub(*at));
+                        if n == 0 {
+                            continue;
+                        }
+                        let v = vectors.narrow(0, 0, n)?.to_dtype(row.dtype())?;
+                        let mut parts = Vec::with_capacity(3);
+                        if *at > 0 {
+                            parts.push(row.narrow(0, 0, *at)?);
+                        }
+                        parts.push(v);
+                        if at + n < seq {
+                            parts.push(row.narrow(0, at + n, seq - at - n)?);
+                        }
+                        row = Tensor::cat(&parts, 0)?;
+                    }
+                    Ok(row)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            tokens = Tensor::stack(&rows, 0)?;
+        }
         let positions = self.position_embedding.narrow(0, 0, seq)?;
         let mut xs = tokens.broadcast_add(&positions)?;
         let mask = causal_mask(seq, xs.device())?;
@@ -742,8 +782,11 @@ impl ClipTextModel {
         };
         let pooled = match (&self.text_projection, &last) {
             (Some(proj), Some(last)) => {
-                let picked = ids
-                    .to_vec2::<u32>()?
+                let rows = match pool_ids {
+                    Some(p) => p.to_vec(),
+                    None => ids.to_vec2::<u32>()?,
+                };
+                let picked = rows
                     .iter()
                     .enumerate()
                     .map(|(i, row)| last.get(i)?.get(pooled_position(row, c.eos_token_id)))

@@ -70,8 +70,20 @@ pub fn load_model(
         residency,
         vae: vae.as_ref(),
     };
-    let model =
+    let mut model =
         StableDiffusion::load_opts(&files, &device, dtype, &options, &mut |e| progress.event(e))?;
+    if let Some(dir) = &args.embeddings {
+        let names = model.load_embeddings(dir)?;
+        progress.println(&format!(
+            "embeddings from {}: {}",
+            dir.display(),
+            if names.is_empty() {
+                "none".to_string()
+            } else {
+                names.join(", ")
+            }
+        ));
+    }
     Ok(model)
 }
 

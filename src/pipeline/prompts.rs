@@ -10,6 +10,25 @@ use crate::text::{ClipActivation, ClipOutput, ClipTextModel};
 use crate::{Error, Result, Setting};
 
 impl StableDiffusion {
+    /// Width of each text encoder's token embeddings, in the model's order.
+    pub fn text_hidden_sizes(&self) -> Vec<usize> {
+        self.text.iter().map(|t| t.config.hidden_size).collect()
+    }
+
+    /// Reads the textual-inversion embeddings in `dir` (every `.safetensors` file; the stem is
+    /// the name a prompt uses) and keeps them for every later prompt; returns their names.
+    pub fn load_embeddings(&mut self, dir: &std::path::Path) -> Result<Vec<String>> {
+        let found = crate::prompt::embeddings::load_dir(dir, &self.text_hidden_sizes())?;
+        let names = found.iter().map(|e| e.name.clone()).collect();
+        self.embeddings = found;
+        Ok(names)
+    }
+
+    /// The loaded embeddings.
+    pub fn embeddings(&self) -> &[crate::prompt::embeddings::Embedding] {
+        &self.embeddings
+    }
+
     /// Whether AUTOMATIC1111 applies clip skip to this model: SD 1.x's OpenAI CLIP encoder
     /// (not OpenCLIP, not SDXL, where the option leaves the conditioning as it is).
     pub fn supports_clip_skip(&self) -> bool {
@@ -55,7 +74,7 @@ impl StableDiffusion {
         } else {
             text.clip_skip
         };
-        if text.syntax == PromptSyntax::Plain && skip == 1 {
+        if text.syntax == PromptSyntax::Plain && skip == 1 && self.embeddings.is_empty() {
             return self.encode_prompt(prompt, negative_prompt, guidance, on_event);
         }
         let encoders = self.text_encoder(on_event)?;
@@ -110,27 +129,22 @@ impl StableDiffusion {
         let texts: Vec<String> = entries.iter().map(|e| e.text.clone()).collect();
         let mut hidden: Vec<Vec<Tensor>> = vec![Vec::new(); texts.len()];
         let mut pooled: Vec<Option<Tensor>> = vec![None; texts.len()];
-        for (files, encoder) in self.text.iter().zip(encoders) {
+        for (k, (files, encoder)) in self.text.iter().zip(encoders).enumerate() {
             let output = if clip_skip > 1 {
                 ClipOutput::Skip(clip_skip)
             } else {
                 files.output
             };
-            let encoded = match syntax {
-                PromptSyntax::A1111 => {
-                    encode_texts(&files.tokenizer, encoder, output, &texts, &self.device)?
-                }
-                PromptSyntax::Plain => {
-                    let ids = files.tokenizer.encode(prompt)?.ids;
-                    let n = ids.len();
-                    let ids = Tensor::from_vec(ids, (1, n), &self.device)?;
-                    let out = encoder.encode(&ids, output)?;
-                    vec![crate::prompt::encode::Encoded {
-                        hidden: out.hidden,
-                        pooled: out.pooled,
-                    }]
-                }
-            };
+            let encoded = encode_texts(
+                &files.tokenizer,
+                encoder,
+                k,
+                output,
+                &texts,
+                syntax,
+                &self.embeddings,
+                &self.device,
+            )?;
             for (i, e) in encoded.into_iter().enumerate() {
                 hidden[i].push(e.hidden);
                 if files.projection {

@@ -20,7 +20,8 @@ pub struct Run {
 }
 
 impl Run {
-    fn new(text: impl Into<String>, weight: f64) -> Self {
+    /// A run of `text` at `weight`.
+    pub fn new(text: impl Into<String>, weight: f64) -> Self {
         Self {
             text: text.into(),
             weight,

@@ -30,12 +30,32 @@ pub struct ChunkTokens {
 pub struct Chunk {
     pub ids: Vec<u32>,
     pub weights: Vec<f32>,
+    /// Textual-inversion vectors to place: (position in `ids`, embedding index).
+    pub fixes: Vec<(usize, usize)>,
+}
+
+/// An embedding as the chunker finds it: the token ids of its name and the slots it takes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Slot {
+    pub ids: Vec<u32>,
+    pub vectors: usize,
+    /// The embedding's index, reported in [`Chunk::fixes`].
+    pub index: usize,
+}
+
+/// The embedding whose name's ids start `tokens` (the longest such name), as AUTOMATIC1111's
+/// `find_embedding_at_position`.
+fn slot_at<'a>(slots: &'a [Slot], tokens: &[u32]) -> Option<&'a Slot> {
+    slots
+        .iter()
+        .filter(|s| !s.ids.is_empty() && tokens.starts_with(&s.ids))
+        .max_by_key(|s| s.ids.len())
 }
 
 impl Chunk {
     /// The chunk of an empty prompt: start, then end tokens (then padding).
     pub fn empty(t: ChunkTokens) -> Chunk {
-        Builder::new(t).close(Vec::new(), Vec::new())
+        Builder::new(t).close(Vec::new(), Vec::new(), Vec::new())
     }
 }
 
@@ -51,7 +71,7 @@ impl Builder {
 
     /// Fills `ids` up to 75 with end tokens, wraps them in start/end, and pads after the
     /// first end token (AUTOMATIC1111 does this last step when it encodes the chunk).
-    fn close(&self, mut ids: Vec<u32>, mut weights: Vec<f32>) -> Chunk {
+    fn close(&self, mut ids: Vec<u32>, mut weights: Vec<f32>, fixes: Vec<(usize, usize)>) -> Chunk {
         ids.resize(CHUNK_TOKENS, self.t.end);
         weights.resize(CHUNK_TOKENS, 1.0);
         let mut all = Vec::with_capacity(CHUNK_TOKENS + 2);
@@ -69,55 +89,87 @@ impl Builder {
         w.push(1.0);
         w.extend(weights);
         w.push(1.0);
+        // Positions count the start token.
+        let fixes = fixes.into_iter().map(|(at, i)| (at + 1, i)).collect();
         Chunk {
             ids: all,
             weights: w,
+            fixes,
         }
     }
 }
 
-/// The chunks of a parsed prompt; `tokenize` gives a text's ids without start/end tokens.
+/// The chunks of a parsed prompt; `tokenize` gives a text's ids without start/end tokens;
+/// `slots` are the embeddings a prompt may name (a name takes its vectors' slots, filled with
+/// id 0 and the run's weight, in one chunk; AUTOMATIC1111 leaves the vectors of an embedding
+/// that the comma rule moves to the next chunk where they were, and so does this).
 pub fn chunk_prompt(
     runs: &[Run],
     t: ChunkTokens,
+    slots: &[Slot],
     mut tokenize: impl FnMut(&str) -> Result<Vec<u32>>,
 ) -> Result<Vec<Chunk>> {
     let b = Builder::new(t);
     let mut chunks = Vec::new();
     let mut ids: Vec<u32> = Vec::new();
     let mut weights: Vec<f32> = Vec::new();
+    let mut fixes: Vec<(usize, usize)> = Vec::new();
     // Position of the last comma in the current chunk.
     let mut last_comma: Option<usize> = None;
+    macro_rules! next_chunk {
+        () => {{
+            chunks.push(b.close(
+                std::mem::take(&mut ids),
+                std::mem::take(&mut weights),
+                std::mem::take(&mut fixes),
+            ));
+            last_comma = None;
+        }};
+    }
     for run in runs {
         if run.is_break() {
-            chunks.push(b.close(std::mem::take(&mut ids), std::mem::take(&mut weights)));
-            last_comma = None;
+            next_chunk!();
             continue;
         }
         let weight = run.weight as f32;
-        for token in tokenize(&run.text)? {
+        let tokens = tokenize(&run.text)?;
+        let mut position = 0;
+        while position < tokens.len() {
+            let token = tokens[position];
             if Some(token) == t.comma {
                 last_comma = Some(ids.len());
             } else if ids.len() == CHUNK_TOKENS {
                 if let Some(comma) = last_comma.filter(|&c| ids.len() - c <= COMMA_BACKTRACK) {
                     let moved_ids = ids.split_off(comma + 1);
                     let moved_weights = weights.split_off(comma + 1);
-                    chunks.push(b.close(std::mem::replace(&mut ids, moved_ids), {
-                        std::mem::replace(&mut weights, moved_weights)
-                    }));
-                    last_comma = None;
+                    next_chunk!();
+                    ids = moved_ids;
+                    weights = moved_weights;
                 }
             }
             if ids.len() == CHUNK_TOKENS {
-                chunks.push(b.close(std::mem::take(&mut ids), std::mem::take(&mut weights)));
-                last_comma = None;
+                next_chunk!();
             }
-            ids.push(token);
-            weights.push(weight);
+            match slot_at(slots, &tokens[position..]) {
+                None => {
+                    ids.push(token);
+                    weights.push(weight);
+                    position += 1;
+                }
+                Some(slot) => {
+                    if ids.len() + slot.vectors > CHUNK_TOKENS {
+                        next_chunk!();
+                    }
+                    fixes.push((ids.len(), slot.index));
+                    ids.extend(std::iter::repeat_n(0, slot.vectors));
+                    weights.extend(std::iter::repeat_n(weight, slot.vectors));
+                    position += slot.ids.len();
+                }
+            }
         }
     }
     if !ids.is_empty() || chunks.is_empty() {
-        chunks.push(b.close(ids, weights));
+        chunks.push(b.close(ids, weights, fixes));
     }
     Ok(chunks)
 }
@@ -136,7 +188,7 @@ mod tests {
 
     /// Each character is a token: `,` is the comma, letters their code.
     fn chunks(prompt: &str) -> Vec<Chunk> {
-        chunk_prompt(&parse_attention(prompt).unwrap(), T, |s| {
+        chunk_prompt(&parse_attention(prompt).unwrap(), T, &[], |s| {
             Ok(s.chars()
                 .filter(|c| !c.is_whitespace())
                 .map(|c| c as u32)
@@ -182,7 +234,7 @@ mod tests {
     #[test]
     fn open_clip_pads_after_the_first_end_token() {
         let t = ChunkTokens { pad: 0, ..T };
-        let c = chunk_prompt(&parse_attention("a").unwrap(), t, |_| Ok(vec![5])).unwrap();
+        let c = chunk_prompt(&parse_attention("a").unwrap(), t, &[], |_| Ok(vec![5])).unwrap();
         assert_eq!(&c[0].ids[..4], &[1000, 5, 1001, 0]);
         assert_eq!(c[0].ids[76], 0);
     }

@@ -4,8 +4,10 @@
 //! "Original" emphasis of `modules/sd_emphasis.py`); a text's chunks are concatenated.
 use candle_core::{DType, Device, Tensor};
 
-use super::attention::parse_attention;
-use super::chunks::{chunk_prompt, Chunk, CHUNK_TOKENS};
+use super::attention::{parse_attention, Run};
+use super::chunks::{chunk_prompt, Chunk, Slot, CHUNK_TOKENS};
+use super::embeddings::Embedding;
+use super::PromptSyntax;
 use crate::text::{ClipOutput, ClipTextModel, ClipTokenizer};
 use crate::{Error, Result};
 
@@ -18,25 +20,77 @@ pub struct Encoded {
     pub pooled: Option<Tensor>,
 }
 
-/// The chunks of `text` for `tokenizer`; a malformed emphasis weight is an error naming it.
-pub fn chunks_of(tokenizer: &ClipTokenizer, text: &str) -> Result<Vec<Chunk>> {
-    let runs = parse_attention(text).map_err(Error::InvalidInput)?;
-    chunk_prompt(&runs, tokenizer.chunk_tokens(), |s| tokenizer.ids_of(s))
+/// The embeddings of `embeddings` that have vectors for encoder `encoder`, as the chunker
+/// finds them by their names' ids.
+pub fn slots(
+    tokenizer: &ClipTokenizer,
+    embeddings: &[Embedding],
+    encoder: usize,
+) -> Result<Vec<Slot>> {
+    embeddings
+        .iter()
+        .enumerate()
+        .filter_map(|(index, e)| {
+            let v = e.vectors.get(encoder)?.as_ref()?;
+            Some((index, e, v.dims()[0]))
+        })
+        .map(|(index, e, vectors)| {
+            Ok(Slot {
+                ids: tokenizer.ids_of(&e.name)?,
+                vectors,
+                index,
+            })
+        })
+        .collect()
 }
 
-/// Encodes `texts` together with one encoder, as AUTOMATIC1111 encodes the texts of one
-/// prompt's schedule: texts with fewer chunks are filled with empty chunks for the batch (and
-/// keep only their own chunks in the result).
+/// The chunks of `text` for `tokenizer`: AUTOMATIC1111's, or for plain text one chunk of the
+/// first 75 tokens as diffusers cuts them (embedding names take their vectors' slots in both).
+pub fn chunks_of(
+    tokenizer: &ClipTokenizer,
+    text: &str,
+    syntax: PromptSyntax,
+    slots: &[Slot],
+) -> Result<Vec<Chunk>> {
+    let runs = match syntax {
+        PromptSyntax::A1111 => parse_attention(text).map_err(Error::InvalidInput)?,
+        PromptSyntax::Plain => vec![Run::new(text, 1.0)],
+    };
+    let mut chunks = chunk_prompt(&runs, tokenizer.chunk_tokens(), slots, |s| {
+        let mut ids = tokenizer.ids_of(s)?;
+        if syntax == PromptSyntax::Plain {
+            // Diffusers cuts at the tokenizer's length: one chunk, never full when a token
+            // arrives, so the comma rule never applies (an embedding that would cross the cut
+            // is left out).
+            ids.truncate(CHUNK_TOKENS);
+        }
+        Ok(ids)
+    })?;
+    if syntax == PromptSyntax::Plain {
+        chunks.truncate(1);
+    }
+    Ok(chunks)
+}
+
+/// Encodes `texts` together with encoder number `index` of the model, as AUTOMATIC1111 encodes
+/// the texts of one prompt's schedule: texts with fewer chunks are filled with empty chunks for
+/// the batch (and keep only their own chunks in the result); textual-inversion vectors replace
+/// their slots' token embeddings.
+#[allow(clippy::too_many_arguments)]
 pub fn encode_texts(
     tokenizer: &ClipTokenizer,
     encoder: &ClipTextModel,
+    index: usize,
     output: ClipOutput,
     texts: &[String],
+    syntax: PromptSyntax,
+    embeddings: &[Embedding],
     device: &Device,
 ) -> Result<Vec<Encoded>> {
+    let slots = slots(tokenizer, embeddings, index)?;
     let chunked = texts
         .iter()
-        .map(|t| chunks_of(tokenizer, t))
+        .map(|t| chunks_of(tokenizer, t, syntax, &slots))
         .collect::<Result<Vec<_>>>()?;
     let count = chunked.iter().map(Vec::len).max().unwrap_or(0);
     let empty = Chunk::empty(tokenizer.chunk_tokens());
@@ -50,9 +104,45 @@ pub fn encode_texts(
             .iter()
             .flat_map(|c| c.weights.iter().copied())
             .collect();
+        let fixes: Vec<Vec<(usize, Tensor)>> = batch
+            .iter()
+            .map(|c| {
+                c.fixes
+                    .iter()
+                    .filter_map(|&(at, e)| {
+                        let v = embeddings.get(e)?.vectors.get(index)?.as_ref()?;
+                        Some((at, v.clone()))
+                    })
+                    .collect()
+            })
+            .collect();
         let ids = Tensor::from_vec(ids, (batch.len(), width), device)?;
         let weights = Tensor::from_vec(weights, (batch.len(), width, 1), device)?;
-        let out = encoder.encode(&ids, output)?;
+        // Diffusers gives each embedding vector a new token id past the vocabulary, in load
+        // order, and transformers' legacy pooling reads the highest id: pool at those ids.
+        let pool_ids: Option<Vec<Vec<u32>>> = (syntax == PromptSyntax::Plain
+            && batch.iter().any(|c| !c.fixes.is_empty()))
+        .then(|| {
+            batch
+                .iter()
+                .map(|c| {
+                    let mut row = c.ids.clone();
+                    for &(at, e) in &c.fixes {
+                        let first = added_id(tokenizer, embeddings, e, index);
+                        for (j, id) in row
+                            .iter_mut()
+                            .skip(at)
+                            .take(embeddings[e].len())
+                            .enumerate()
+                        {
+                            *id = first + j as u32;
+                        }
+                    }
+                    row
+                })
+                .collect()
+        });
+        let out = encoder.encode_fixed(&ids, &fixes, pool_ids.as_deref(), output)?;
         let z = emphasize(&out.hidden.to_dtype(DType::F32)?, &weights)?;
         for (i, chunks) in chunked.iter().enumerate() {
             if k < chunks.len() {
@@ -73,6 +163,17 @@ pub fn encode_texts(
             })
         })
         .collect()
+}
+
+/// The token id diffusers' `load_textual_inversion` gives the first vector of embedding `e`
+/// when the embeddings are loaded in order: the first id past the tokenizer's, then on.
+fn added_id(tokenizer: &ClipTokenizer, embeddings: &[Embedding], e: usize, encoder: usize) -> u32 {
+    let before: usize = embeddings[..e]
+        .iter()
+        .filter(|x| x.vectors.get(encoder).is_some_and(Option::is_some))
+        .map(Embedding::len)
+        .sum();
+    tokenizer.largest_id().map_or(0, |m| m + 1) + before as u32
 }
 
 /// `z * weights`, scaled so that its mean over the whole batch is the mean of `z`. Weights of 1

@@ -3,6 +3,7 @@
 //! ([`chunks`]) and their encoding with the emphasis applied ([`encode`]).
 pub mod attention;
 pub mod chunks;
+pub mod embeddings;
 pub mod encode;
 pub mod schedule;
 
