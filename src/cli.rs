@@ -206,6 +206,20 @@ pub struct GenerateArgs {
     /// (n, channels, h/f, w/f), f the VAE factor (SD: 4 channels, f = 8).
     #[arg(long)]
     pub latents: Option<PathBuf>,
+    /// img2img: start from this picture (PNG, JPEG or WebP) instead of noise. The size
+    /// defaults to the picture's (rounded down to the VAE factor); a picture of another size
+    /// than -W/-H is resized.
+    #[arg(long, value_name = "FILE", conflicts_with = "latents")]
+    pub init_image: Option<PathBuf>,
+    /// How much of the init image is redrawn, in (0, 1]: the last strength x steps steps run
+    /// (1: from pure noise). Default 0.8, with --mask 1.0 (diffusers' defaults).
+    #[arg(long, value_name = "S", requires = "init_image")]
+    pub strength: Option<f64>,
+    /// Inpainting: redraw the init image where this picture is white (luma of at least half)
+    /// and keep it where black. Works with any model; inpainting models (9-channel UNets)
+    /// need it.
+    #[arg(long, value_name = "FILE", requires = "init_image")]
+    pub mask: Option<PathBuf>,
     /// Output PNG file, or folder (default: outputs/).
     #[arg(short, long)]
     pub output: Option<PathBuf>,
@@ -407,6 +421,9 @@ pub fn flag(setting: Setting) -> &'static str {
         Setting::PromptSyntax => "--prompt-syntax",
         Setting::ClipSkip => "--clip-skip",
         Setting::Embeddings => "--embeddings",
+        Setting::InitImage => "--init-image",
+        Setting::Strength => "--strength",
+        Setting::Mask => "--mask",
         _ => "an option",
     }
 }

@@ -145,6 +145,12 @@ pub enum Setting {
     ClipSkip,
     /// Textual-inversion embeddings (a folder or file).
     Embeddings,
+    /// The image img2img and inpainting start from.
+    InitImage,
+    /// How much of the init image is redrawn (img2img's strength).
+    Strength,
+    /// The inpainting mask (white: redrawn).
+    Mask,
 }
 
 impl Setting {
@@ -181,6 +187,9 @@ impl Setting {
             Setting::PromptSyntax => "prompt_syntax",
             Setting::ClipSkip => "clip_skip",
             Setting::Embeddings => "embeddings",
+            Setting::InitImage => "init_image",
+            Setting::Strength => "strength",
+            Setting::Mask => "mask",
         }
     }
 }

@@ -279,6 +279,7 @@ fn render_jobs_batch_equals_single_on_latents() {
             size_conditioning: Default::default(),
             preview_every: None,
             text: Default::default(),
+            image: None,
         },
         repeat: 1,
     };
@@ -635,6 +636,7 @@ fn the_library_run_stops_after_the_batch_in_flight_when_cancelled() {
         size_conditioning: Default::default(),
         preview_every: None,
         text: Default::default(),
+        image: None,
     };
     // The settings check comes first, before the folder is touched.
     let bad = BatchConfig {

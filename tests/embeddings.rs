@@ -89,6 +89,7 @@ fn plain_prompts_match_diffusers_textual_inversion() {
             size_conditioning: Default::default(),
             preview_every: None,
             text: PLAIN,
+            image: None,
         },
         seeds: vec![3],
         batch_size: 1,

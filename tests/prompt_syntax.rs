@@ -224,6 +224,7 @@ fn latents_in(model: &StableDiffusion, prompt: &str, negative: &str, text: TextO
             size_conditioning: Default::default(),
             preview_every: None,
             text,
+            image: None,
         },
         seeds: vec![7],
         batch_size: 1,

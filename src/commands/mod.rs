@@ -151,5 +151,6 @@ pub fn sampling_for(model: &StableDiffusion, s: &SamplingArgs) -> Result<Samplin
         size_conditioning: s.size_conditioning(),
         preview_every: None,
         text: s.text_options(),
+        image: None,
     })
 }

@@ -1,4 +1,5 @@
-//! The image decoder: diffusers' `AutoencoderKL` decoder half, built from `vae/config.json`.
+//! The image decoder: diffusers' `AutoencoderKL` decoder half, built from `vae/config.json`
+//! (the encoder half is in `vae_encoder.rs`).
 use candle_core::Tensor;
 
 use super::config::VaeConfig;
@@ -9,18 +10,18 @@ use super::Weights;
 use crate::Result;
 
 /// diffusers' VAE resnets and norms use eps 1e-6.
-const VAE_EPS: f64 = 1e-6;
+pub(crate) const VAE_EPS: f64 = 1e-6;
 
 /// Single-head self-attention over the pixels of a feature map, with its group norm and
 /// residual (the VAE mid block's `Attention`).
 #[derive(Debug)]
-struct SpatialSelfAttention {
+pub(crate) struct SpatialSelfAttention {
     group_norm: GroupNorm,
     attn: MultiHeadAttention,
 }
 
 impl SpatialSelfAttention {
-    fn load(w: &Weights, channels: usize, groups: usize) -> Result<Self> {
+    pub(crate) fn load(w: &Weights, channels: usize, groups: usize) -> Result<Self> {
         Ok(Self {
             group_norm: group_norm(&w.pp("group_norm"), groups, channels, VAE_EPS)?,
             attn: MultiHeadAttention::load(w, channels, channels, 1, channels, true)?,
@@ -28,7 +29,7 @@ impl SpatialSelfAttention {
     }
 
     /// (b, c, h, w) -> (b, c, h, w).
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+    pub(crate) fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = xs.dims4()?;
         let tokens = self
             .group_norm
