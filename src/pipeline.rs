@@ -756,7 +756,7 @@ impl StableDiffusion {
             };
             // None after the last step: the image itself follows.
             let denoised = match &preview {
-                Some((n, estimate)) if (i - first + 1) % n == 0 && i + 1 < timesteps.len() => {
+                Some((n, estimate)) if (done + 1).is_multiple_of(*n) && i + 1 < timesteps.len() => {
                     Some(estimate.estimate(&scaled, &pred, t)?)
                 }
                 _ => None,

@@ -104,8 +104,9 @@ fn assert_close(got: &Tensor, want: &Tensor, what: &str) {
     eprintln!("{what}: max |diff| {diff:e} (range {range})");
 }
 
-fn check(model: &StableDiffusion, key: &str, case: Case, image: Arc<ImageInput>) {
+fn check(model: &StableDiffusion, key: &str, case: Case, image: &str, mask: Option<&str>) {
     let g = goldens();
+    let image = input(image, mask, case.strength);
     let out = run(model, &request(&case, image));
     let got = out.images[0].latents.unsqueeze(0).unwrap();
     assert_close(&got, &g[key], key);
@@ -133,7 +134,7 @@ fn img2img_matches_diffusers_with_every_scheduler() {
         ("sd1/pndm", "pndm", 5, 0.6),
     ] {
         let case = sd1(sched, steps, strength);
-        check(&model, key, case, input("init.png", None, strength));
+        check(&model, key, case, "init.png", None);
     }
 }
 
@@ -178,12 +179,7 @@ fn img2img_with_the_tiny_vae_matches_diffusers() {
         negative: "",
         ..sd1("euler", 6, 0.7)
     };
-    check(
-        &model,
-        "sd1-taesd/euler",
-        case,
-        input("init.png", None, 0.7),
-    );
+    check(&model, "sd1-taesd/euler", case, "init.png", None);
 }
 
 #[test]
@@ -198,12 +194,7 @@ fn legacy_inpainting_matches_diffusers() {
             negative: "",
             ..sd1(sched, steps, strength)
         };
-        check(
-            &model,
-            key,
-            case,
-            input("init.png", Some("mask.png"), strength),
-        );
+        check(&model, key, case, "init.png", Some("mask.png"));
     }
 }
 
@@ -219,12 +210,7 @@ fn inpainting_unet_matches_diffusers() {
             negative: "",
             ..sd1(sched, steps, strength)
         };
-        check(
-            &model,
-            key,
-            case,
-            input("init.png", Some("mask.png"), strength),
-        );
+        check(&model, key, case, "init.png", Some("mask.png"));
     }
 }
 
@@ -240,17 +226,13 @@ fn sdxl_img2img_and_inpainting_match_diffusers() {
         negative: "",
         size,
     };
-    check(
-        &model,
-        "sdxl/euler",
-        case(0.6),
-        input("init-xl.png", None, 0.6),
-    );
+    check(&model, "sdxl/euler", case(0.6), "init-xl.png", None);
     check(
         &model,
         "sdxl-inpaint-legacy/euler",
         case(0.8),
-        input("init-xl.png", Some("mask-xl.png"), 0.8),
+        "init-xl.png",
+        Some("mask-xl.png"),
     );
 }
 
@@ -265,7 +247,7 @@ fn lcm_img2img_matches_diffusers() {
         negative: "",
         size: 32,
     };
-    check(&model, "lcm/lcm", case, input("init.png", None, 0.5));
+    check(&model, "lcm/lcm", case, "init.png", None);
 }
 
 #[test]
