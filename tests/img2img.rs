@@ -16,7 +16,7 @@ use latent::prompt::{PromptSyntax, TextOptions};
 use latent::Setting;
 
 mod common;
-use common::{fixtures, latent, max_abs, max_abs_diff, stderr};
+use common::{assert_close, fixtures, latent, max_abs, max_abs_diff, stderr};
 
 fn goldens() -> HashMap<String, Tensor> {
     candle_core::safetensors::load(
@@ -90,18 +90,6 @@ fn run(model: &StableDiffusion, req: &GenerateRequest) -> latent::pipeline::Gene
     model
         .generate(req, &latent::Cancel::new(), &mut |_| {})
         .unwrap()
-}
-
-/// Final latents within 1e-5 of the golden's range (f32 both sides; summation order differs).
-fn assert_close(got: &Tensor, want: &Tensor, what: &str) {
-    assert_eq!(got.dims(), want.dims(), "{what}");
-    let diff = max_abs_diff(got, want);
-    let range = max_abs(want);
-    assert!(
-        diff <= 1e-5 * range.max(1.0),
-        "{what}: max |diff| {diff:e} (range {range})"
-    );
-    eprintln!("{what}: max |diff| {diff:e} (range {range})");
 }
 
 fn check(model: &StableDiffusion, key: &str, case: Case, image: &str, mask: Option<&str>) {

@@ -43,6 +43,26 @@ impl SpatialSelfAttention {
     }
 }
 
+/// A resnet block of the VAE (no time embedding, eps 1e-6) at `w`.
+pub(crate) fn vae_resnet(
+    w: &Weights,
+    inc: usize,
+    outc: usize,
+    groups: usize,
+) -> Result<ResnetBlock> {
+    ResnetBlock::load(
+        w,
+        ResnetConfig {
+            in_channels: inc,
+            out_channels: outc,
+            temb_channels: None,
+            groups,
+            eps: VAE_EPS,
+            output_scale_factor: 1.0,
+        },
+    )
+}
+
 /// The decoder of an `AutoencoderKL` (with its `post_quant_conv`).
 #[derive(Debug)]
 pub struct VaeDecoder {
@@ -62,19 +82,7 @@ impl VaeDecoder {
     pub fn load(w: &Weights, config: &VaeConfig) -> Result<Self> {
         let cfg = config;
         let g = cfg.norm_num_groups;
-        let resnet = |w: &Weights, inc: usize, outc: usize| {
-            ResnetBlock::load(
-                w,
-                ResnetConfig {
-                    in_channels: inc,
-                    out_channels: outc,
-                    temb_channels: None,
-                    groups: g,
-                    eps: VAE_EPS,
-                    output_scale_factor: 1.0,
-                },
-            )
-        };
+        let resnet = |w: &Weights, inc: usize, outc: usize| vae_resnet(w, inc, outc, g);
         let d = w.pp("decoder");
         let top = *cfg.block_out_channels.last().unwrap_or(&0);
         let post_quant_conv = if cfg.use_post_quant_conv {

@@ -3,8 +3,8 @@
 use candle_core::{DType, Tensor};
 
 use super::config::VaeConfig;
-use super::layers::{conv2d, group_norm, Conv2d, Downsample, GroupNorm, ResnetBlock, ResnetConfig};
-use super::vae::{SpatialSelfAttention, VAE_EPS};
+use super::layers::{conv2d, group_norm, Conv2d, Downsample, GroupNorm, ResnetBlock};
+use super::vae::{vae_resnet, SpatialSelfAttention, VAE_EPS};
 use super::Weights;
 use crate::noise::NoiseSource;
 use crate::Result;
@@ -29,19 +29,7 @@ impl VaeEncoder {
     pub fn load(w: &Weights, config: &VaeConfig) -> Result<Self> {
         let cfg = config;
         let g = cfg.norm_num_groups;
-        let resnet = |w: &Weights, inc: usize, outc: usize| {
-            ResnetBlock::load(
-                w,
-                ResnetConfig {
-                    in_channels: inc,
-                    out_channels: outc,
-                    temb_channels: None,
-                    groups: g,
-                    eps: VAE_EPS,
-                    output_scale_factor: 1.0,
-                },
-            )
-        };
+        let resnet = |w: &Weights, inc: usize, outc: usize| vae_resnet(w, inc, outc, g);
         let e = w.pp("encoder");
         let first = *cfg.block_out_channels.first().unwrap_or(&0);
         let top = *cfg.block_out_channels.last().unwrap_or(&0);
