@@ -388,7 +388,12 @@ pub struct ServeArgs {
     pub models_dir: Option<PathBuf>,
     /// Require HTTP Basic authentication with user:password (several separated by commas),
     /// as AUTOMATIC1111's flag of the same name.
-    #[arg(long, value_name = "USER:PASS", env = "LATENT_API_AUTH", hide_env_values = true)]
+    #[arg(
+        long,
+        value_name = "USER:PASS",
+        env = "LATENT_API_AUTH",
+        hide_env_values = true
+    )]
     pub api_auth: Option<String>,
     /// Largest request body in bytes; a larger one is answered 413.
     #[arg(long, value_name = "BYTES", default_value_t = 50 * 1024 * 1024)]
@@ -398,7 +403,12 @@ pub struct ServeArgs {
     pub queue: u32,
     /// Folder for the images of requests with save_images: one subfolder per request, with its
     /// manifest.jsonl, as `latent batch` writes.
-    #[arg(short, long, value_name = "DIR", default_value = "outputs/txt2img-images")]
+    #[arg(
+        short,
+        long,
+        value_name = "DIR",
+        default_value = "outputs/txt2img-images"
+    )]
     pub output: PathBuf,
     #[command(flatten)]
     pub model: ModelArgs,

@@ -313,7 +313,12 @@ pub fn write_image(
 
 /// The PNG [`write_image`] would write for `image`, as bytes in memory (a server's answer).
 pub fn png_bytes(image: &crate::pipeline::GeneratedImage, parameters: &str) -> Result<Vec<u8>> {
-    encode_rgb(&image.rgb, image.width as u32, image.height as u32, parameters)
+    encode_rgb(
+        &image.rgb,
+        image.width as u32,
+        image.height as u32,
+        parameters,
+    )
 }
 
 /// An 8-bit RGB buffer of `width` x `height` as PNG bytes with the `parameters` text.

@@ -35,22 +35,24 @@ fn model_source(args: &ModelArgs) -> Result<ModelSource> {
 /// What names the model of `args`: `--model`, else `$LATENT_MODEL`, else the demo model's
 /// folder (extracted first).
 fn model_spec(args: &ModelArgs) -> Result<String> {
-    Ok(match (
-        &args.model,
-        std::env::var(MODEL_ENV).ok().filter(|s| !s.is_empty()),
-    ) {
-        (Some(m), _) => m.clone(),
-        (None, Some(env)) => env,
-        (None, None) => {
-            if args.revision.is_some() {
-                bail!("--revision only applies to hub models; the bundled demo model has none");
+    Ok(
+        match (
+            &args.model,
+            std::env::var(MODEL_ENV).ok().filter(|s| !s.is_empty()),
+        ) {
+            (Some(m), _) => m.clone(),
+            (None, Some(env)) => env,
+            (None, None) => {
+                if args.revision.is_some() {
+                    bail!("--revision only applies to hub models; the bundled demo model has none");
+                }
+                latent::demo::model_dir()
+                    .context("cannot set up the bundled demo model (pass --model to use another)")?
+                    .display()
+                    .to_string()
             }
-            latent::demo::model_dir()
-                .context("cannot set up the bundled demo model (pass --model to use another)")?
-                .display()
-                .to_string()
-        }
-    })
+        },
+    )
 }
 
 /// Loads the model named by `args`, reporting progress.

@@ -11,8 +11,8 @@ use serde_json::Value;
 use super::api::{Detail, ImagesResponse, Info};
 use super::request::{setting_detail, Txt2Img};
 use crate::batch::{
-    sampler_name, validate_job, Access, Batch, BatchConfig, BatchEvent, Job, LineSpec,
-    PromptFile, SeedFrom, Stop, DEFAULT_TEMPLATE,
+    sampler_name, validate_job, Access, Batch, BatchConfig, BatchEvent, Job, LineSpec, PromptFile,
+    SeedFrom, Stop, DEFAULT_TEMPLATE,
 };
 use crate::noise::RngKind;
 use crate::pipeline::{Sampling, SizeConditioning, StableDiffusion};
@@ -113,7 +113,8 @@ pub fn run_txt2img(
     let started = SystemTime::now();
     let (out_dir, access) = if req.save_images {
         (
-            fresh_folder(&settings.outputs, started).map_err(|e| JobError::Failed(e.to_string()))?,
+            fresh_folder(&settings.outputs, started)
+                .map_err(|e| JobError::Failed(e.to_string()))?,
             Access::Write,
         )
     } else {
@@ -197,7 +198,11 @@ pub fn run_txt2img(
     for (key, given, value) in [
         ("width", req.width.is_some(), Value::from(sampling.width)),
         ("height", req.height.is_some(), Value::from(sampling.height)),
-        ("sampler_name", req.sampler.is_some(), Value::from(sampler.clone())),
+        (
+            "sampler_name",
+            req.sampler.is_some(),
+            Value::from(sampler.clone()),
+        ),
         ("scheduler", req.sampler.is_some(), Value::from(schedule)),
     ] {
         if !given {

@@ -60,16 +60,17 @@ pub fn parse_credentials(text: &str) -> Result<Vec<(String, String)>> {
 /// second Ctrl-C exits at once.
 pub fn run(config: ServeConfig, loader: Box<Loader>, on_ready: &dyn Fn(SocketAddr)) -> Result<()> {
     if config.queue == 0 {
-        return Err(Error::InvalidInput("the queue must hold at least 1 request".into()));
+        return Err(Error::InvalidInput(
+            "the queue must hold at least 1 request".into(),
+        ));
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .map_err(|e| Error::InvalidInput(format!("cannot start the async runtime: {e}")))?;
-    let listener = std::net::TcpListener::bind(config.listen).map_err(|e| {
-        Error::InvalidInput(format!("cannot listen on {}: {e}", config.listen))
-    })?;
+    let listener = std::net::TcpListener::bind(config.listen)
+        .map_err(|e| Error::InvalidInput(format!("cannot listen on {}: {e}", config.listen)))?;
     let address = listener
         .local_addr()
         .map_err(|e| Error::InvalidInput(format!("cannot listen on {}: {e}", config.listen)))?;
@@ -85,7 +86,11 @@ pub fn run(config: ServeConfig, loader: Box<Loader>, on_ready: &dyn Fn(SocketAdd
     };
     let (queue, start, worker) =
         Queue::start(loader, config.model_spec.clone(), config.queue, options)?;
-    let catalog = Catalog::new(&start.name, &config.model_spec, config.models_dir.as_deref())?;
+    let catalog = Catalog::new(
+        &start.name,
+        &config.model_spec,
+        config.models_dir.as_deref(),
+    )?;
     queue.shared().options().model = start.name.clone();
     let shared = Arc::clone(queue.shared());
     let app = Arc::new(routes::App {

@@ -323,7 +323,10 @@ pub fn parse_txt2img(body: &[u8]) -> Result<Txt2Img, Vec<Detail>> {
         Some(n) => match u64::try_from(n) {
             Ok(seed) => Some(seed),
             Err(_) => {
-                f.invalid("seed", "must be -1 (random) or a whole number from 0 to 2^64-1");
+                f.invalid(
+                    "seed",
+                    "must be -1 (random) or a whole number from 0 to 2^64-1",
+                );
                 None
             }
         },
@@ -362,7 +365,10 @@ pub fn parse_txt2img(body: &[u8]) -> Result<Txt2Img, Vec<Detail>> {
     let sampler = match (sampler, karras) {
         (Some((kind, k)), karras) => Some((kind, k || karras.unwrap_or(false))),
         (None, Some(_)) => {
-            f.invalid("scheduler", "Karras needs a sampler_name (Euler or DPM++ 2M)");
+            f.invalid(
+                "scheduler",
+                "Karras needs a sampler_name (Euler or DPM++ 2M)",
+            );
             None
         }
         (None, None) => None,
@@ -371,7 +377,9 @@ pub fn parse_txt2img(body: &[u8]) -> Result<Txt2Img, Vec<Detail>> {
     let cfg_scale = f.float("cfg_scale").unwrap_or(7.0);
     let width = f.count("width", usize::MAX);
     let height = f.count("height", usize::MAX);
-    let batch_size = f.count("batch_size", crate::resources::MAX_IMAGES).unwrap_or(1);
+    let batch_size = f
+        .count("batch_size", crate::resources::MAX_IMAGES)
+        .unwrap_or(1);
     let n_iter = f.count("n_iter", crate::resources::MAX_IMAGES).unwrap_or(1);
     if batch_size.saturating_mul(n_iter) > crate::resources::MAX_IMAGES {
         f.invalid(
@@ -383,7 +391,9 @@ pub fn parse_txt2img(body: &[u8]) -> Result<Txt2Img, Vec<Detail>> {
             ),
         );
     }
-    let restore_afterwards = f.bool("override_settings_restore_afterwards").unwrap_or(true);
+    let restore_afterwards = f
+        .bool("override_settings_restore_afterwards")
+        .unwrap_or(true);
     let send_images = f.bool("send_images").unwrap_or(true);
     let save_images = f.bool("save_images").unwrap_or(false);
     let mut ignored = Vec::new();
@@ -408,7 +418,10 @@ pub fn parse_txt2img(body: &[u8]) -> Result<Txt2Img, Vec<Detail>> {
         }
     }
     let prompt = prompt.unwrap_or_default();
-    if !errors.iter().any(|d| d.loc.get(1) == Some(&Value::from("prompt"))) {
+    if !errors
+        .iter()
+        .any(|d| d.loc.get(1) == Some(&Value::from("prompt")))
+    {
         if let Err(e) = crate::pipeline::check_prompts(&prompt, &negative_prompt) {
             errors.push(setting_detail(&e));
         }
@@ -538,7 +551,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(r.prompt, "a cat");
-        assert_eq!((r.steps, r.cfg_scale, r.width, r.height), (20, 5.0, Some(64), None));
+        assert_eq!(
+            (r.steps, r.cfg_scale, r.width, r.height),
+            (20, 5.0, Some(64), None)
+        );
         assert_eq!(r.seed, None);
         assert_eq!(r.sampler, Some((SchedulerKind::DpmPp2m, true)));
         assert_eq!(r.clip_skip, Some(2));
@@ -547,11 +563,18 @@ mod tests {
         ignored.sort();
         assert_eq!(
             ignored,
-            ["foo", "override_settings.eta_noise_seed_delta", "restore_faces"]
+            [
+                "foo",
+                "override_settings.eta_noise_seed_delta",
+                "restore_faces"
+            ]
         );
         assert_eq!(r.parameters["steps"], json!("20"), "echoed as given");
         assert_eq!(r.parameters["n_iter"], json!(1), "defaults filled in");
-        assert!(!r.parameters.contains_key("foo"), "unknown fields are not echoed");
+        assert!(
+            !r.parameters.contains_key("foo"),
+            "unknown fields are not echoed"
+        );
     }
 
     #[test]
@@ -592,8 +615,7 @@ mod tests {
 
     #[test]
     fn options_check_the_types_they_use() {
-        let u = parse_options(br#"{"sd_model_checkpoint": "m", "samples_format": "png"}"#)
-            .unwrap();
+        let u = parse_options(br#"{"sd_model_checkpoint": "m", "samples_format": "png"}"#).unwrap();
         assert_eq!(u.model.as_deref(), Some("m"));
         assert_eq!(u.other["samples_format"], json!("png"));
         let e = parse_options(br#"{"CLIP_stop_at_last_layers": 40}"#).unwrap_err();

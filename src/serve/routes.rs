@@ -59,7 +59,10 @@ pub fn router(app: Arc<App>, max_body: usize) -> Router {
         .route("/sdapi/v1/schedulers", get(schedulers))
         .route("/sdapi/v1/sd-vae", get(sd_vae))
         .route("/sdapi/v1/embeddings", get(embeddings))
-        .route("/sdapi/v1/refresh-checkpoints", post(|| async { Json(Value::Null) }))
+        .route(
+            "/sdapi/v1/refresh-checkpoints",
+            post(|| async { Json(Value::Null) }),
+        )
         .route("/sdapi/v1/upscalers", get(empty_list))
         .route("/sdapi/v1/latent-upscale-modes", get(empty_list))
         .route("/sdapi/v1/loras", get(empty_list))
@@ -72,23 +75,68 @@ pub fn router(app: Arc<App>, max_body: usize) -> Router {
             Arc::clone(&app),
             authenticate,
         ))
+        .layer(axum::middleware::from_fn(move |req, next| {
+            refuse_large(req, next, max_body)
+        }))
         .layer(axum::middleware::from_fn(log))
         .layer(axum::extract::DefaultBodyLimit::max(max_body))
         .with_state(app)
 }
 
-/// One line per request on stderr: method, path, status, time.
+/// 413 at once for a body whose announced length is over the limit, before reading any of it
+/// (a body without a length is cut off by the limit as it is read).
+async fn refuse_large(req: Request, next: Next, max_body: usize) -> Response {
+    let announced = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if announced.is_some_and(|n| n > max_body as u64) {
+        return too_large();
+    }
+    next.run(req).await
+}
+
+fn too_large() -> Response {
+    (
+        StatusCode::PAYLOAD_TOO_LARGE,
+        Json(json!({
+            "detail": "the request body is larger than the server's limit (--max-body)"
+        })),
+    )
+        .into_response()
+}
+
+/// One line per request on stderr: method, path, status (or that the client left), time.
 async fn log(req: Request, next: Next) -> Response {
-    let started = Instant::now();
-    let method = req.method().clone();
-    let path = req.uri().path().to_string();
+    let mut line = LogLine {
+        started: Instant::now(),
+        request: format!("{} {}", req.method(), req.uri().path()),
+        status: None,
+    };
     let response = next.run(req).await;
-    eprintln!(
-        "{method} {path} {} {:.3}s",
-        response.status().as_u16(),
-        started.elapsed().as_secs_f64()
-    );
+    line.status = Some(response.status().as_u16());
     response
+}
+
+/// Printed when the request ends, answered or dropped because its client disconnected.
+struct LogLine {
+    started: Instant,
+    request: String,
+    status: Option<u16>,
+}
+
+impl Drop for LogLine {
+    fn drop(&mut self) {
+        let status = self
+            .status
+            .map_or("- (client disconnected)".to_string(), |s| s.to_string());
+        eprintln!(
+            "{} {status} {:.3}s",
+            self.request,
+            self.started.elapsed().as_secs_f64()
+        );
+    }
 }
 
 /// HTTP Basic authentication against `--api-auth`, as AUTOMATIC1111 does for its API.
@@ -113,7 +161,11 @@ fn authorized(headers: &HeaderMap, credentials: &[(String, String)]) -> bool {
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Basic "))
-        .and_then(|v| base64::engine::general_purpose::STANDARD.decode(v.trim()).ok())
+        .and_then(|v| {
+            base64::engine::general_purpose::STANDARD
+                .decode(v.trim())
+                .ok()
+        })
     else {
         return false;
     };
@@ -162,12 +214,10 @@ fn error(status: StatusCode, kind: &str, message: impl Into<String>) -> Response
 /// A body that could not be read: too large (413), or cut off.
 fn rejected(r: BytesRejection) -> Response {
     let status = r.status();
-    let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
-        "the request body is larger than the server's limit (--max-body)".to_string()
-    } else {
-        r.body_text()
-    };
-    (status, Json(json!({ "detail": message }))).into_response()
+    if status == StatusCode::PAYLOAD_TOO_LARGE {
+        return too_large();
+    }
+    (status, Json(json!({ "detail": r.body_text() }))).into_response()
 }
 
 fn refused(r: Refused) -> Response {
@@ -217,7 +267,9 @@ async fn queue_and_wait<T>(
 ) -> Result<T, Response> {
     let cancel = Cancel::new();
     let (tx, rx) = oneshot::channel();
-    app.queue.submit(make(tx), cancel.clone()).map_err(refused)?;
+    app.queue
+        .submit(make(tx), cancel.clone())
+        .map_err(refused)?;
     let mut guard = CancelOnDrop(Some(cancel));
     let answer = rx.await;
     guard.0 = None;
@@ -304,7 +356,8 @@ async fn get_options(State(app): AppState) -> Json<Value> {
         Value::from(app.start.vae.clone().unwrap_or_else(|| "Automatic".into()))
     });
     map.entry("samples_format").or_insert_with(|| "png".into());
-    map.entry("live_previews_enable").or_insert(Value::Bool(true));
+    map.entry("live_previews_enable")
+        .or_insert(Value::Bool(true));
     Json(Value::Object(map))
 }
 
