@@ -186,7 +186,7 @@ impl Fields {
 
     /// A required string field.
     pub fn required_string(&mut self, key: &str) -> Option<String> {
-        if !self.map.get(key).is_some_and(|v| !v.is_null()) {
+        if self.map.get(key).is_none_or(Value::is_null) {
             self.fail(key, "field required", "value_error.missing");
             return None;
         }
