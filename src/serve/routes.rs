@@ -63,6 +63,10 @@ pub fn router(app: Arc<App>, max_body: usize) -> Router {
             "/sdapi/v1/refresh-checkpoints",
             post(|| async { Json(Value::Null) }),
         )
+        .route(
+            "/sdapi/v1/scripts",
+            get(|| async { Json(json!({"txt2img": [], "img2img": []})) }),
+        )
         .route("/sdapi/v1/upscalers", get(empty_list))
         .route("/sdapi/v1/latent-upscale-modes", get(empty_list))
         .route("/sdapi/v1/loras", get(empty_list))
