@@ -174,6 +174,7 @@ impl Shared {
 #[derive(Clone)]
 pub struct Queue {
     sender: SyncSender<Queued>,
+    capacity: usize,
     shared: Arc<Shared>,
 }
 
@@ -188,7 +189,8 @@ pub enum Refused {
 
 impl Queue {
     /// Starts the worker: it loads the starting model with `loader` first and answers with what
-    /// the server lists about it (or the load's error), then serves up to `capacity` waiting jobs in order.
+    /// the server lists about it (or the load's error), then serves jobs in order, up to
+    /// `capacity` of them waiting.
     pub fn start(
         loader: Box<Loader>,
         start_spec: String,
@@ -230,7 +232,12 @@ impl Queue {
         let info = loaded_rx.recv().map_err(|_| {
             crate::Error::InvalidInput("the worker stopped while loading the model".into())
         })??;
-        Ok((Queue { sender, shared }, info, handle))
+        let queue = Queue {
+            sender,
+            capacity,
+            shared,
+        };
+        Ok((queue, info, handle))
     }
 
     /// The state shared with the worker.
@@ -258,7 +265,7 @@ impl Queue {
                     Err(Refused::Stopping)
                 } else {
                     Err(Refused::Full {
-                        capacity: self.shared.queued().max(1),
+                        capacity: self.capacity,
                     })
                 }
             }

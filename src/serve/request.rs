@@ -12,6 +12,11 @@ use crate::schedulers::SchedulerKind;
 /// stops at 150). Far beyond any use, and it keeps a typo from holding the server for days.
 pub const MAX_STEPS: usize = 1000;
 
+/// Most images one request may ask for (batch_size x n_iter): the most AUTOMATIC1111's page
+/// offers (100 batches of 8). Its API has no limit, but every image of an answer is held in
+/// memory until it is sent.
+pub const MAX_IMAGES: usize = 800;
+
 /// Highest clip skip accepted, as AUTOMATIC1111's setting slider.
 pub const MAX_CLIP_SKIP: usize = 12;
 
@@ -377,17 +382,15 @@ pub fn parse_txt2img(body: &[u8]) -> Result<Txt2Img, Vec<Detail>> {
     let cfg_scale = f.float("cfg_scale").unwrap_or(7.0);
     let width = f.count("width", usize::MAX);
     let height = f.count("height", usize::MAX);
-    let batch_size = f
-        .count("batch_size", crate::resources::MAX_IMAGES)
-        .unwrap_or(1);
-    let n_iter = f.count("n_iter", crate::resources::MAX_IMAGES).unwrap_or(1);
-    if batch_size.saturating_mul(n_iter) > crate::resources::MAX_IMAGES {
+    let batch_size = f.count("batch_size", MAX_IMAGES).unwrap_or(1);
+    let n_iter = f.count("n_iter", MAX_IMAGES).unwrap_or(1);
+    if batch_size.saturating_mul(n_iter) > MAX_IMAGES {
         f.invalid(
             "n_iter",
             format!(
                 "batch_size x n_iter is {}, more than the limit of {} images per request",
                 batch_size.saturating_mul(n_iter),
-                crate::resources::MAX_IMAGES
+                MAX_IMAGES
             ),
         );
     }
