@@ -67,11 +67,6 @@ impl Catalog {
         &self.entries
     }
 
-    /// The starting model.
-    pub fn default_entry(&self) -> &ModelEntry {
-        &self.entries[0]
-    }
-
     /// The entry `name` stands for: a title, a title with AUTOMATIC1111's ` [hash]` suffix or
     /// `.safetensors` ending, or a filename.
     pub fn find(&self, name: &str) -> Option<&ModelEntry> {
