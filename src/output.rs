@@ -311,9 +311,37 @@ pub fn write_image(
     )
 }
 
-/// Encodes the PNG into `file` and syncs it to disk; errors name `path`, the final target.
+/// The PNG [`write_image`] would write for `image`, as bytes in memory (a server's answer).
+pub fn png_bytes(image: &crate::pipeline::GeneratedImage, parameters: &str) -> Result<Vec<u8>> {
+    encode_rgb(
+        &image.rgb,
+        image.width as u32,
+        image.height as u32,
+        parameters,
+    )
+}
+
+/// An 8-bit RGB buffer of `width` x `height` as PNG bytes with the `parameters` text.
+pub fn encode_rgb(rgb: &[u8], width: u32, height: u32, parameters: &str) -> Result<Vec<u8>> {
+    let label = Path::new("(in memory)");
+    let expected = (width as usize)
+        .checked_mul(height as usize)
+        .and_then(|n| n.checked_mul(3));
+    if width == 0 || height == 0 || expected != Some(rgb.len()) {
+        return Err(Error::InvalidInput(format!(
+            "image buffer has {} bytes, expected {width}x{height}x3",
+            rgb.len()
+        )));
+    }
+    let mut bytes = Vec::new();
+    encode_png(&mut bytes, label, rgb, width, height, parameters)?;
+    Ok(bytes)
+}
+
+/// Encodes the PNG into `file` (synced to disk by the caller when it is one); errors name
+/// `path`, the final target.
 fn encode_png(
-    file: &mut File,
+    file: impl io::Write,
     path: &Path,
     rgb: &[u8],
     width: u32,
