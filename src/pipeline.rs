@@ -22,7 +22,9 @@ use crate::{Cancel, Error, Result, Setting};
 pub use crate::conditioning::{PromptEmbeddings, SizeConditioning, TextConditioning, TimeIds};
 pub use crate::model::family::Family;
 
+mod loras;
 mod prompts;
+pub use loras::LoraSettings;
 use crate::model::family::PIPELINE_CLASSES;
 
 /// Something the pipeline reports while it works; the library never prints.
@@ -103,6 +105,8 @@ struct Loaded {
     unet: Option<Arc<UNet>>,
     vae: Option<Arc<Vae>>,
     load_time: Duration,
+    /// The LoRAs merged into the text encoders and UNet as they load.
+    lora: crate::lora::Active,
 }
 
 impl Loaded {
@@ -172,6 +176,8 @@ pub struct StableDiffusion {
     parameters: WeightBytes,
     /// Textual-inversion embeddings a prompt may name.
     embeddings: Vec<crate::prompt::embeddings::Embedding>,
+    /// The LoRA folder and the LoRAs every prompt gets.
+    lora: LoraSettings,
 }
 
 /// Characters of dropped prompt text a truncation warning shows: enough to recognise the
@@ -229,7 +235,7 @@ impl StableDiffusion {
     ) -> Result<Self> {
         let options = LoadOptions {
             residency,
-            vae: None,
+            ..LoadOptions::default()
         };
         Self::load_opts(files, device, dtype, &options, on_event)
     }
@@ -361,6 +367,7 @@ impl StableDiffusion {
             text,
             force_zeros_for_empty_prompt,
             embeddings: Vec::new(),
+            lora: options.lora.clone(),
             unet_config,
             unet_path,
             vae,
@@ -376,6 +383,11 @@ impl StableDiffusion {
             act_dtype,
             parameters,
         };
+        // The LoRAs every prompt gets are checked now and merged as the components load.
+        if !model.lora.base.is_empty() {
+            let (_, specs) = crate::lora::for_prompt("", None, &model.lora.base)?;
+            model.use_loras(&specs)?;
+        }
         match residency {
             Residency::Resident => {
                 for stage in [Stage::TextEncode, Stage::Denoise, Stage::Decode] {
@@ -430,15 +442,18 @@ impl StableDiffusion {
                 let encoders = self
                     .text
                     .iter()
-                    .map(|t| {
-                        let w = Weights::open(&t.path, &self.device, self.act_dtype)?;
+                    .enumerate()
+                    .map(|(i, t)| {
+                        let w = Weights::open(&t.path, &self.device, self.act_dtype)?
+                            .with_patches(loaded.lora.text_patches(i));
                         ClipTextModel::load_with(&w, &t.config, t.projection)
                     })
                     .collect::<Result<Vec<_>>>()?;
                 loaded.text_encoder = Some(Arc::new(encoders));
             }
             Stage::Denoise => {
-                let w = Weights::open(&self.unet_path, &self.device, self.dtype)?;
+                let w = Weights::open(&self.unet_path, &self.device, self.dtype)?
+                    .with_patches(loaded.lora.unet_patches());
                 loaded.unet = Some(Arc::new(UNet::load(&w, &self.unet_config)?));
             }
             Stage::Decode => {
@@ -833,6 +848,8 @@ impl StableDiffusion {
         self.check_inputs(req)?;
         let mut timings = Timings::default();
 
+        // The prompt's LoRAs first, so the text encoder loads once, with them.
+        self.use_loras(&self.prompt_loras(&req.prompt)?.1)?;
         self.ensure_loaded(Stage::TextEncode, on_event)?;
         let start = Instant::now();
         let embeddings = self.encode_prompt_with(
@@ -1015,6 +1032,7 @@ impl StableDiffusion {
         let s = &req.sampling;
         self.check_sampling(s, req.batch_size.min(req.seeds.len()))?;
         crate::prompt::check_prompts(&req.prompt, &req.negative_prompt, &s.text, s.steps)?;
+        self.prompt_loras(&req.prompt)?;
         if let Some(l) = &req.latents {
             let f = self.vae_scale_factor();
             let want = [
@@ -1356,6 +1374,9 @@ pub struct LoadOptions<'a> {
     /// TAESDXL) or an `AutoencoderKL` (e.g. the SDXL fp16-fix VAE), in a folder or hub repo
     /// with `config.json` at its top, or a model with a `vae/` folder.
     pub vae: Option<&'a ModelFiles>,
+    /// The LoRA folder for `<lora:NAME>` tags and the LoRAs every prompt gets (checked at
+    /// load, merged as the components load).
+    pub lora: LoraSettings,
 }
 
 /// Unreachable: a getter loads its component under the same lock it reads it with.

@@ -187,5 +187,6 @@ pub fn validate_job(model: &StableDiffusion, job: &Job) -> Result<()> {
     crate::pipeline::check_prompts(&job.prompt, &job.negative_prompt)?;
     let s = &job.sampling;
     crate::prompt::check_prompts(&job.prompt, &job.negative_prompt, &s.text, s.steps)?;
+    model.prompt_loras(&job.prompt)?;
     model.check_sampling(&job.sampling, 1)
 }
