@@ -177,21 +177,6 @@ impl LoraFile {
                 scale: alpha / rank as f64,
             });
         }
-        if layers.is_empty() {
-            let examples = if unmatched.is_empty() {
-                some_of(&misfits)
-            } else {
-                some_of(&unmatched)
-            };
-            return Err(err(
-                path,
-                format!(
-                    "no layer matches this model ({} layers, e.g. {examples}): a LoRA for \
-                     another model family?",
-                    unmatched.len() + misfits.len()
-                ),
-            ));
-        }
         if !misfits.is_empty() {
             return Err(err(
                 path,
@@ -200,6 +185,17 @@ impl LoraFile {
                      family?",
                     misfits.len(),
                     some_of(&misfits)
+                ),
+            ));
+        }
+        if layers.is_empty() {
+            let examples = some_of(&unmatched);
+            return Err(err(
+                path,
+                format!(
+                    "no layer matches this model ({} layer(s), e.g. {examples}): a LoRA for \
+                     another model family?",
+                    unmatched.len()
                 ),
             ));
         }
