@@ -347,3 +347,64 @@ fn cli_lora_flags_tags_and_metadata() {
         "{err}"
     );
 }
+
+#[test]
+fn batch_lines_carry_their_own_loras() {
+    use common::batch::{records, run_batch, write};
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let dir = lora_dir("sd1").display().to_string();
+    // Lines with and without a tag, the tagged ones apart: grouped by LoRA set, each set merged
+    // once, and each image what the same prompt makes alone.
+    write(
+        d,
+        "p.txt",
+        "a cat <lora:kohya-style:0.6>\na cat\na cat <lora:kohya-style:0.6>\n",
+    );
+    let extra = ["--lora-dir", dir.as_str(), "--batch-size", "2", "-W", "32", "-H", "32"];
+    let o = run_batch(d, &["p.txt"], &extra);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let recs = records(d);
+    assert_eq!(recs.len(), 3);
+    let model = fixtures().join("tiny-sd1").display().to_string();
+    let pixels = |p: &Path| image::open(p).unwrap().to_rgb8().into_raw();
+    let mut made = Vec::new();
+    for r in &recs {
+        let alone = d.join(format!("alone-{}.png", r.index));
+        let seed = r.seed.to_string();
+        let o = latent(&[
+            "generate", &r.prompt, "--model", &model, "--steps", "2", "-W", "32", "-H", "32",
+            "--seed", &seed, "--lora-dir", &dir, "-o", &alone.display().to_string(),
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let a = pixels(&d.join("out").join(&r.file));
+        let b = pixels(&alone);
+        let worst = a.iter().zip(&b).map(|(x, y)| x.abs_diff(*y)).max().unwrap();
+        // Batched latents differ from single ones by summation order only.
+        assert!(worst <= 1, "{}: pixels differ by {worst}", r.file);
+        made.push((r.index, a));
+    }
+    made.sort_by_key(|(i, _)| *i);
+    assert_ne!(made[0].1, made[1].1, "the tag changed nothing");
+}
+
+#[test]
+fn walk_keyframes_share_one_set_of_loras() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixtures().join("tiny-sd1").display().to_string();
+    let dir = lora_dir("sd1").display().to_string();
+    let walk = |second: &str, out: &str| {
+        let out = tmp.path().join(out).display().to_string();
+        latent(&[
+            "walk", "-p", "a cat <lora:kohya-style:0.6>", "-p", second, "--seed", "1", "--seed",
+            "2", "--frames", "2", "--steps", "2", "-W", "32", "-H", "32", "--model", &model,
+            "--lora-dir", &dir, "-o", &out,
+        ])
+    };
+    let o = walk("a dog", "mixed");
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("keyframe 2 asks for other LoRAs"), "{err}");
+    let o = walk("a dog <lora:kohya-style:0.6>", "same");
+    assert!(o.status.success(), "{}", stderr(&o));
+}
