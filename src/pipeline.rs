@@ -24,8 +24,8 @@ pub use crate::model::family::Family;
 
 mod loras;
 mod prompts;
-pub use loras::LoraSettings;
 use crate::model::family::PIPELINE_CLASSES;
+pub use loras::LoraSettings;
 
 /// Something the pipeline reports while it works; the library never prints.
 #[derive(Debug, Clone)]

@@ -118,7 +118,11 @@ fn sdxl_kohya_file_with_sgm_names_and_two_text_encoders_matches_diffusers() {
     let model = load("tiny-sdxl", &lora_dir("sdxl"), &[]);
     assert_close(&run(&model, PROMPT), &g["sdxl/none"], "sdxl/none");
     let tagged = format!("{PROMPT}<lora:xl-kohya:0.8>");
-    assert_close(&run(&model, &tagged), &g["sdxl/kohya/0.8"], "sdxl/kohya/0.8");
+    assert_close(
+        &run(&model, &tagged),
+        &g["sdxl/kohya/0.8"],
+        "sdxl/kohya/0.8",
+    );
 }
 
 #[test]
@@ -133,7 +137,11 @@ fn prompt_tags_apply_their_loras_and_leave_the_text() {
     );
     assert_close(&got, &g["sd1/both"], "two tags");
     // A tag overrides the weight of the same LoRA given for every prompt.
-    let model = load("tiny-sd1", &lora_dir("sd1"), &[lora("sd1", "kohya-style", 1.0)]);
+    let model = load(
+        "tiny-sd1",
+        &lora_dir("sd1"),
+        &[lora("sd1", "kohya-style", 1.0)],
+    );
     assert_close(&run(&model, PROMPT), &g["sd1/kohya/1.0"], "base LoRA");
     let got = run(&model, &format!("{PROMPT}<lora:kohya-style:0.6>"));
     assert_close(&got, &g["sd1/kohya/0.6"], "tag over base");
@@ -142,7 +150,11 @@ fn prompt_tags_apply_their_loras_and_leave_the_text() {
 #[test]
 fn weight_zero_is_no_lora() {
     let plain = run(&load("tiny-sd1", &lora_dir("sd1"), &[]), PROMPT);
-    let model = load("tiny-sd1", &lora_dir("sd1"), &[lora("sd1", "peft-style", 0.0)]);
+    let model = load(
+        "tiny-sd1",
+        &lora_dir("sd1"),
+        &[lora("sd1", "peft-style", 0.0)],
+    );
     assert_eq!(max_abs_diff(&run(&model, PROMPT), &plain), 0.0);
     let tagged = format!("{PROMPT}<lora:kohya-style:0>");
     assert_eq!(max_abs_diff(&run(&model, &tagged), &plain), 0.0);
@@ -166,7 +178,10 @@ fn switching_sets_gives_what_fresh_loads_give() {
         assert_eq!(max_abs_diff(&run(&model, p), &fresh), 0.0, "{p}");
     }
     // The same set in another order is the same set: nothing reloads, the same latents.
-    let a = run(&model, &format!("{PROMPT}<lora:peft-style:0.8><lora:kohya-style:0.5>"));
+    let a = run(
+        &model,
+        &format!("{PROMPT}<lora:peft-style:0.8><lora:kohya-style:0.5>"),
+    );
     let b = run(&model, &prompts[3]);
     assert_eq!(max_abs_diff(&a, &b), 0.0);
     assert_eq!(model.active_loras().len(), 2);
@@ -361,7 +376,16 @@ fn batch_lines_carry_their_own_loras() {
         "p.txt",
         "a cat <lora:kohya-style:0.6>\na cat\na cat <lora:kohya-style:0.6>\n",
     );
-    let extra = ["--lora-dir", dir.as_str(), "--batch-size", "2", "-W", "32", "-H", "32"];
+    let extra = [
+        "--lora-dir",
+        dir.as_str(),
+        "--batch-size",
+        "2",
+        "-W",
+        "32",
+        "-H",
+        "32",
+    ];
     let o = run_batch(d, &["p.txt"], &extra);
     assert!(o.status.success(), "{}", stderr(&o));
     let recs = records(d);
@@ -373,8 +397,22 @@ fn batch_lines_carry_their_own_loras() {
         let alone = d.join(format!("alone-{}.png", r.index));
         let seed = r.seed.to_string();
         let o = latent(&[
-            "generate", &r.prompt, "--model", &model, "--steps", "2", "-W", "32", "-H", "32",
-            "--seed", &seed, "--lora-dir", &dir, "-o", &alone.display().to_string(),
+            "generate",
+            &r.prompt,
+            "--model",
+            &model,
+            "--steps",
+            "2",
+            "-W",
+            "32",
+            "-H",
+            "32",
+            "--seed",
+            &seed,
+            "--lora-dir",
+            &dir,
+            "-o",
+            &alone.display().to_string(),
         ]);
         assert!(o.status.success(), "{}", stderr(&o));
         let a = pixels(&d.join("out").join(&r.file));
@@ -396,9 +434,29 @@ fn walk_keyframes_share_one_set_of_loras() {
     let walk = |second: &str, out: &str| {
         let out = tmp.path().join(out).display().to_string();
         latent(&[
-            "walk", "-p", "a cat <lora:kohya-style:0.6>", "-p", second, "--seed", "1", "--seed",
-            "2", "--frames", "2", "--steps", "2", "-W", "32", "-H", "32", "--model", &model,
-            "--lora-dir", &dir, "-o", &out,
+            "walk",
+            "-p",
+            "a cat <lora:kohya-style:0.6>",
+            "-p",
+            second,
+            "--seed",
+            "1",
+            "--seed",
+            "2",
+            "--frames",
+            "2",
+            "--steps",
+            "2",
+            "-W",
+            "32",
+            "-H",
+            "32",
+            "--model",
+            &model,
+            "--lora-dir",
+            &dir,
+            "-o",
+            &out,
         ])
     };
     let o = walk("a dog", "mixed");

@@ -7,8 +7,8 @@ mod info;
 mod walk;
 
 use anyhow::{bail, Context, Result};
-use latent::model::ModelSource;
 use latent::lora::LoraSpec;
+use latent::model::ModelSource;
 use latent::pipeline::{LoadOptions, LoraSettings, Residency, Sampling, StableDiffusion};
 use latent::Cancel;
 

@@ -277,12 +277,18 @@ fn scalar(path: &Path, weights: &Weights, key: &str) -> Result<f64> {
     }
 }
 
+/// One component's PEFT config: its `lora_alpha` and its `alpha_pattern` entries.
+#[derive(Default)]
+struct PeftConfig {
+    alpha: Option<f64>,
+    patterns: Vec<(String, f64)>,
+}
+
 /// The alphas of a diffusers / PEFT file, from its `lora_adapter_metadata`.
 #[derive(Default)]
 struct PeftAlphas {
-    /// Per component prefix (`unet`, `text_encoder`, ...): the default alpha and the
-    /// per-module patterns.
-    configs: HashMap<String, (Option<f64>, Vec<(String, f64)>)>,
+    /// Per component prefix (`unet`, `text_encoder`, ...).
+    configs: HashMap<String, PeftConfig>,
 }
 
 impl PeftAlphas {
@@ -292,18 +298,18 @@ impl PeftAlphas {
         };
         let json: serde_json::Value = serde_json::from_str(text)
             .map_err(|e| err(path, format!("`{PEFT_METADATA}` is not JSON: {e}")))?;
-        let mut configs: HashMap<String, (Option<f64>, Vec<(String, f64)>)> = HashMap::new();
+        let mut configs: HashMap<String, PeftConfig> = HashMap::new();
         for (key, value) in json.as_object().into_iter().flatten() {
             let Some((component, field)) = key.rsplit_once('.') else {
                 continue;
             };
             let entry = configs.entry(component.to_string()).or_default();
             match field {
-                "lora_alpha" => entry.0 = value.as_f64(),
+                "lora_alpha" => entry.alpha = value.as_f64(),
                 "alpha_pattern" => {
                     for (pattern, alpha) in value.as_object().into_iter().flatten() {
                         if let Some(a) = alpha.as_f64() {
-                            entry.1.push((pattern.clone(), a));
+                            entry.patterns.push((pattern.clone(), a));
                         }
                     }
                 }
@@ -316,25 +322,55 @@ impl PeftAlphas {
     /// The alpha PEFT gives `module` of `component`: the longest matching pattern's, else the
     /// component's `lora_alpha`.
     fn alpha(&self, component: Component, module: &str) -> Option<f64> {
-        let (default, patterns) = self.configs.get(&component.to_string())?;
-        patterns
+        let config = self.configs.get(&component.to_string())?;
+        config
+            .patterns
             .iter()
             .filter(|(p, _)| module == p || module.ends_with(&format!(".{p}")))
             .max_by_key(|(p, _)| p.len())
             .map(|(_, a)| *a)
-            .or(*default)
+            .or(config.alpha)
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::fits;
+    use super::{fits, Component, PeftAlphas, PeftConfig};
+
+    #[test]
+    fn peft_alphas_take_the_longest_matching_pattern_else_the_default() {
+        let mut alphas = PeftAlphas::default();
+        alphas.configs.insert(
+            "unet".into(),
+            PeftConfig {
+                alpha: Some(8.0),
+                patterns: vec![("to_k".into(), 2.0), ("attn2.to_k".into(), 16.0)],
+            },
+        );
+        let unet = |m: &str| alphas.alpha(Component::UNet, m);
+        assert_eq!(
+            unet("mid_block.attentions.0.transformer_blocks.0.attn1.to_k"),
+            Some(2.0)
+        );
+        assert_eq!(
+            unet("mid_block.attentions.0.transformer_blocks.0.attn2.to_k"),
+            Some(16.0)
+        );
+        assert_eq!(
+            unet("mid_block.attentions.0.transformer_blocks.0.attn2.to_kv"),
+            Some(8.0)
+        );
+        assert_eq!(alphas.alpha(Component::TextEncoder(0), "x"), None);
+    }
 
     #[test]
     fn shapes_that_fit() {
         assert_eq!(fits(&[64, 32], &[4, 32], &[64, 4]), Some(4));
         // LoCon: 3x3 down, 1x1 up.
-        assert_eq!(fits(&[64, 32, 3, 3], &[4, 32, 3, 3], &[64, 4, 1, 1]), Some(4));
+        assert_eq!(
+            fits(&[64, 32, 3, 3], &[4, 32, 3, 3], &[64, 4, 1, 1]),
+            Some(4)
+        );
         // Linear and 1x1 convolution forms of proj_in / proj_out.
         assert_eq!(fits(&[64, 64, 1, 1], &[8, 64], &[64, 8]), Some(8));
         assert_eq!(fits(&[64, 64], &[8, 64, 1, 1], &[64, 8, 1, 1]), Some(8));

@@ -187,9 +187,11 @@ pub fn for_prompt(
 fn sort(specs: &mut [LoraSpec]) {
     specs.sort_by(|a, b| {
         a.path.cmp(&b.path).then(
-            a.weight
-                .total_cmp(&b.weight)
-                .then(a.unet_weight.unwrap_or(a.weight).total_cmp(&b.unet_weight.unwrap_or(b.weight))),
+            a.weight.total_cmp(&b.weight).then(
+                a.unet_weight
+                    .unwrap_or(a.weight)
+                    .total_cmp(&b.unet_weight.unwrap_or(b.weight)),
+            ),
         )
     });
 }
@@ -300,7 +302,10 @@ impl Active {
                         None => {
                             return Err(Error::Lora {
                                 path: spec.path.clone(),
-                                message: format!("has layers for {}, which this model lacks", layer.component),
+                                message: format!(
+                                    "has layers for {}, which this model lacks",
+                                    layer.component
+                                ),
                             })
                         }
                     },
@@ -308,7 +313,8 @@ impl Active {
             }
         }
         let wrap = |p: Patches| (!p.is_empty()).then(|| Arc::new(p));
-        let print = |p: &Option<Arc<Patches>>| p.as_ref().map(|p| p.fingerprint()).unwrap_or_default();
+        let print =
+            |p: &Option<Arc<Patches>>| p.as_ref().map(|p| p.fingerprint()).unwrap_or_default();
         let text: Vec<Option<Arc<Patches>>> = text.into_iter().map(wrap).collect();
         let unet = wrap(unet);
         let changed = Changed {

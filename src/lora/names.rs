@@ -266,19 +266,17 @@ impl SgmLayout {
             ["down_blocks", i, "downsamplers", "0", "conv"] => {
                 format!("input_blocks.{}.0.op", 1 + n(i)? * stride + self.layers)
             }
-            ["mid_block", "resnets", j, rest @ ..] => join(
-                format!("middle_block.{}", 2 * n(j)?),
-                &[resnet_part(rest)?],
-            ),
+            ["mid_block", "resnets", j, rest @ ..] => {
+                join(format!("middle_block.{}", 2 * n(j)?), &[resnet_part(rest)?])
+            }
             ["mid_block", "attentions", "0", rest @ ..] => join("middle_block.1".into(), rest),
             ["up_blocks", i, "resnets", j, rest @ ..] => join(
                 format!("output_blocks.{}.0", n(i)? * stride + n(j)?),
                 &[resnet_part(rest)?],
             ),
-            ["up_blocks", i, "attentions", j, rest @ ..] => join(
-                format!("output_blocks.{}.1", n(i)? * stride + n(j)?),
-                rest,
-            ),
+            ["up_blocks", i, "attentions", j, rest @ ..] => {
+                join(format!("output_blocks.{}.1", n(i)? * stride + n(j)?), rest)
+            }
             ["up_blocks", i, "upsamplers", "0", "conv"] => {
                 let i = n(i)?;
                 let at = if self.up_with_attention.contains(&i) {
@@ -358,23 +356,59 @@ mod tests {
                 "down_blocks.1.attentions.1.transformer_blocks.0.attn1.to_out.0",
             ),
             ("lora_unet_input_blocks_0_0", "conv_in"),
-            ("lora_unet_input_blocks_1_0_in_layers_2", "down_blocks.0.resnets.0.conv1"),
-            ("lora_unet_input_blocks_2_0_out_layers_3", "down_blocks.0.resnets.1.conv2"),
-            ("lora_unet_input_blocks_3_0_op", "down_blocks.0.downsamplers.0.conv"),
-            ("lora_unet_input_blocks_4_0_skip_connection", "down_blocks.1.resnets.0.conv_shortcut"),
-            ("lora_unet_input_blocks_7_1_proj_in", "down_blocks.2.attentions.0.proj_in"),
-            ("lora_unet_middle_block_2_emb_layers_1", "mid_block.resnets.1.time_emb_proj"),
+            (
+                "lora_unet_input_blocks_1_0_in_layers_2",
+                "down_blocks.0.resnets.0.conv1",
+            ),
+            (
+                "lora_unet_input_blocks_2_0_out_layers_3",
+                "down_blocks.0.resnets.1.conv2",
+            ),
+            (
+                "lora_unet_input_blocks_3_0_op",
+                "down_blocks.0.downsamplers.0.conv",
+            ),
+            (
+                "lora_unet_input_blocks_4_0_skip_connection",
+                "down_blocks.1.resnets.0.conv_shortcut",
+            ),
+            (
+                "lora_unet_input_blocks_7_1_proj_in",
+                "down_blocks.2.attentions.0.proj_in",
+            ),
+            (
+                "lora_unet_middle_block_2_emb_layers_1",
+                "mid_block.resnets.1.time_emb_proj",
+            ),
             (
                 "lora_unet_middle_block_1_transformer_blocks_1_ff_net_0_proj",
                 "mid_block.attentions.0.transformer_blocks.1.ff.net.0.proj",
             ),
-            ("lora_unet_output_blocks_2_0_in_layers_2", "up_blocks.0.resnets.2.conv1"),
-            ("lora_unet_output_blocks_2_1_proj_out", "up_blocks.0.attentions.2.proj_out"),
-            ("lora_unet_output_blocks_2_2_conv", "up_blocks.0.upsamplers.0.conv"),
-            ("lora_unet_output_blocks_3_1_proj_in", "up_blocks.1.attentions.0.proj_in"),
-            ("lora_unet_output_blocks_6_0_in_layers_2", "up_blocks.2.resnets.0.conv1"),
+            (
+                "lora_unet_output_blocks_2_0_in_layers_2",
+                "up_blocks.0.resnets.2.conv1",
+            ),
+            (
+                "lora_unet_output_blocks_2_1_proj_out",
+                "up_blocks.0.attentions.2.proj_out",
+            ),
+            (
+                "lora_unet_output_blocks_2_2_conv",
+                "up_blocks.0.upsamplers.0.conv",
+            ),
+            (
+                "lora_unet_output_blocks_3_1_proj_in",
+                "up_blocks.1.attentions.0.proj_in",
+            ),
+            (
+                "lora_unet_output_blocks_6_0_in_layers_2",
+                "up_blocks.2.resnets.0.conv1",
+            ),
             ("lora_unet_label_emb_0_2", "add_embedding.linear_2"),
-            ("unet.up_blocks.0.upsamplers.0.conv", "up_blocks.0.upsamplers.0.conv"),
+            (
+                "unet.up_blocks.0.upsamplers.0.conv",
+                "up_blocks.0.upsamplers.0.conv",
+            ),
         ] {
             assert_eq!(found(lora), module, "{lora}");
         }
@@ -386,7 +420,10 @@ mod tests {
             resolve("lora_te2_text_model_final_layer_norm", &idx),
             Resolved::NoComponent(Component::TextEncoder(1))
         );
-        assert_eq!(resolve("model.diffusion_model.x", &idx), Resolved::UnknownPrefix);
+        assert_eq!(
+            resolve("model.diffusion_model.x", &idx),
+            Resolved::UnknownPrefix
+        );
     }
 
     #[test]
@@ -409,6 +446,9 @@ mod tests {
             split_key("unet.a.to_q.lora_magnitude_vector"),
             Err("lora_magnitude_vector".into())
         );
-        assert_eq!(split_key("unet.a.to_q.diff.weight"), Err("diff.weight".into()));
+        assert_eq!(
+            split_key("unet.a.to_q.diff.weight"),
+            Err("diff.weight".into())
+        );
     }
 }

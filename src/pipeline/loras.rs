@@ -31,7 +31,10 @@ impl StableDiffusion {
             ));
         }
         let w = Weights::open(&self.unet_path, &cpu, candle_core::DType::F32)?;
-        out.push((Component::UNet, ModuleIndex::new(Component::UNet, w.tensors())));
+        out.push((
+            Component::UNet,
+            ModuleIndex::new(Component::UNet, w.tensors()),
+        ));
         Ok(out)
     }
 
