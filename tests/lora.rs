@@ -32,6 +32,16 @@ fn lora(family: &str, name: &str, weight: f64) -> LoraSpec {
 
 /// The tiny model `name` with LoRA folder `dir` and `base` LoRAs.
 fn try_load(name: &str, dir: &Path, base: &[LoraSpec]) -> latent::Result<StableDiffusion> {
+    try_load_in(name, dir, base, DType::F32)
+}
+
+/// [`try_load`] in `dtype`.
+fn try_load_in(
+    name: &str,
+    dir: &Path,
+    base: &[LoraSpec],
+    dtype: DType,
+) -> latent::Result<StableDiffusion> {
     let files = ModelSource::parse(&fixtures().join(name).display().to_string(), None)?.open()?;
     let options = LoadOptions {
         lora: LoraSettings {
@@ -40,7 +50,7 @@ fn try_load(name: &str, dir: &Path, base: &[LoraSpec]) -> latent::Result<StableD
         },
         ..LoadOptions::default()
     };
-    StableDiffusion::load_opts(&files, &Device::Cpu, DType::F32, &options, &mut |_| {})
+    StableDiffusion::load_opts(&files, &Device::Cpu, dtype, &options, &mut |_| {})
 }
 
 fn load(name: &str, dir: &Path, base: &[LoraSpec]) -> StableDiffusion {
@@ -145,6 +155,23 @@ fn prompt_tags_apply_their_loras_and_leave_the_text() {
     assert_close(&run(&model, PROMPT), &g["sd1/kohya/1.0"], "base LoRA");
     let got = run(&model, &format!("{PROMPT}<lora:kohya-style:0.6>"));
     assert_close(&got, &g["sd1/kohya/0.6"], "tag over base");
+}
+
+#[test]
+fn reduced_precision_merges_in_f32_then_rounds() {
+    // bf16 on the CPU reads weights through the host path, f16 through candle tensors: both
+    // add the delta in f32 before rounding, so they land near the f32 LoRA run, far from the
+    // run without it.
+    let g = goldens();
+    for dtype in [DType::BF16, DType::F16] {
+        let loras = [lora("sd1", "kohya-style", 1.0)];
+        let model = try_load_in("tiny-sd1", &lora_dir("sd1"), &loras, dtype).unwrap();
+        let got = run(&model, PROMPT);
+        let near = max_abs_diff(&got, &g["sd1/kohya/1.0"]);
+        let far = max_abs_diff(&got, &g["sd1/none"]);
+        eprintln!("{dtype:?}: {near} from the f32 LoRA run, {far} from no LoRA");
+        assert!(near * 4.0 < far, "{dtype:?}: {near} vs {far}");
+    }
 }
 
 #[test]
