@@ -368,6 +368,14 @@ fn cli_lora_flags_tags_and_metadata() {
     let pixels = |p: &str| image::open(p).unwrap().to_rgb8().into_raw();
     assert_eq!(pixels(&a), pixels(&b), "--lora FILE:W and a tag differ");
     assert_ne!(pixels(&a), pixels(&c), "the LoRA changed nothing");
+    // A --lora is appended to the recorded prompt as a tag, as AUTOMATIC1111 does.
+    let params = latent::output::read_png_parameters(Path::new(&a))
+        .unwrap()
+        .unwrap();
+    assert!(
+        params.starts_with("a photo of a cat<lora:kohya-style:0.6>\n"),
+        "{params}"
+    );
     // The PNG keeps the tag in its prompt, as AUTOMATIC1111's does.
     let o = latent(&["info", &b]);
     assert!(
@@ -492,4 +500,35 @@ fn walk_keyframes_share_one_set_of_loras() {
     assert!(err.contains("keyframe 2 asks for other LoRAs"), "{err}");
     let o = walk("a dog <lora:kohya-style:0.6>", "same");
     assert!(o.status.success(), "{}", stderr(&o));
+}
+
+#[test]
+fn batch_resume_does_not_take_an_image_made_with_other_loras_as_done() {
+    use common::batch::{records, run_batch, write};
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    write(d, "p.txt", "a cat\n");
+    let size = ["-W", "32", "-H", "32"];
+    let o = run_batch(d, &["p.txt"], &size);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let flag = format!(
+        "{}:0.6",
+        lora_dir("sd1").join("kohya-style.safetensors").display()
+    );
+    let with_lora = [&size[..], &["--lora", flag.as_str()]].concat();
+    let o = run_batch(d, &["p.txt"], &with_lora);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("other settings"), "{err}");
+    // With --overwrite it is made again, and its record names the LoRA.
+    let again = [&with_lora[..], &["--overwrite"]].concat();
+    let o = run_batch(d, &["p.txt"], &again);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let last = records(d).pop().unwrap();
+    assert_eq!(last.loras.as_deref(), Some(flag.as_str()));
+    assert!(
+        last.parameters.starts_with("a cat<lora:kohya-style:0.6>"),
+        "{}",
+        last.parameters
+    );
 }

@@ -67,6 +67,7 @@ impl Job {
             model: run.model.clone(),
             dtype: run.dtype.clone(),
             vae: run.vae.clone(),
+            loras: run.loras.clone(),
             prompt_syntax: s.text.syntax,
             clip_skip: s.text.clip_skip,
         }

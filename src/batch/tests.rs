@@ -714,6 +714,7 @@ fn run_info(model: &str, dtype: &str, vae: Option<&str>) -> RunInfo {
         device: "Cpu".into(),
         dtype: dtype.into(),
         vae: vae.map(str::to_string),
+        loras: None,
     }
 }
 
