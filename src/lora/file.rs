@@ -10,9 +10,10 @@
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 
 use super::names::{resolve, split_key, Component, ModuleIndex, Resolved, Role};
+use crate::kernels::matmul::View;
 use crate::model::Weights;
 use crate::{Error, Result};
 
@@ -228,21 +229,46 @@ impl LoraFile {
         &self.layers
     }
 
-    /// `multiplier * alpha / rank * up @ down` of layer `i`, laid out like its tensor
-    /// (out, in[, kh, kw]), in f32.
-    pub fn delta(&self, i: usize, multiplier: f64) -> Result<Vec<f32>> {
+    /// Adds `multiplier * alpha / rank * up @ down` of layer `i` to `values`, the layer's
+    /// tensor laid out (out, in[, kh, kw]), in f32 (the scale is applied to `up`, the smaller
+    /// factor, and the product accumulates in place).
+    pub fn add_delta(&self, i: usize, multiplier: f64, values: &mut [f32]) -> Result<()> {
         let layer = &self.layers[i];
         let out = layer.shape[0];
         let n: usize = layer.shape[1..].iter().product();
+        if values.len() != out * n {
+            return Err(err(
+                &self.path,
+                format!(
+                    "internal error: `{}` has {} values, its delta {}",
+                    layer.tensor,
+                    values.len(),
+                    out * n
+                ),
+            ));
+        }
         let up_shape = self.weights.shape_of(&layer.up).unwrap_or(&[]).to_vec();
         let down_shape = self.weights.shape_of(&layer.down).unwrap_or(&[]).to_vec();
-        let up = self.weights.get_host(&up_shape, &layer.up)?;
+        let scale = (multiplier * layer.scale) as f32;
+        let up: Vec<f32> = self
+            .weights
+            .get_host(&up_shape, &layer.up)?
+            .into_iter()
+            .map(|v| v * scale)
+            .collect();
         let down = self.weights.get_host(&down_shape, &layer.down)?;
-        let up = Tensor::from_vec(up, (out, layer.rank), &Device::Cpu)?;
-        let down = Tensor::from_vec(down, (layer.rank, n), &Device::Cpu)?;
-        let product = up.matmul(&down)?;
-        let product = (product * (multiplier * layer.scale))?;
-        Ok(product.flatten_all()?.to_vec1::<f32>()?)
+        crate::kernels::matmul::gemm_f32(
+            out,
+            n,
+            layer.rank,
+            View::rows(&up, layer.rank),
+            View::rows(&down, n),
+            values,
+            n,
+            true,
+            crate::kernels::threads(),
+        );
+        Ok(())
     }
 }
 

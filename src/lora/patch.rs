@@ -60,10 +60,7 @@ impl Patches {
                     ),
                 });
             }
-            let delta = d.file.delta(d.layer, d.multiplier)?;
-            for (v, d) in values.iter_mut().zip(delta) {
-                *v += d;
-            }
+            d.file.add_delta(d.layer, d.multiplier, values)?;
         }
         Ok(())
     }
