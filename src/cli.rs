@@ -67,6 +67,16 @@ pub struct ModelArgs {
     /// its vectors. Default: $LATENT_EMBEDDINGS_DIR when set.
     #[arg(long, value_name = "DIR", env = "LATENT_EMBEDDINGS_DIR")]
     pub embeddings: Option<std::path::PathBuf>,
+    /// A LoRA to merge into the model for every prompt: a .safetensors file (kohya /
+    /// AUTOMATIC1111 or diffusers / PEFT format), or a name in --lora-dir, with an optional
+    /// weight (default 1). Repeatable. A <lora:NAME:WEIGHT> tag in a prompt overrides the
+    /// weight of the same LoRA.
+    #[arg(long, value_name = "FILE[:WEIGHT]")]
+    pub lora: Vec<String>,
+    /// Where <lora:NAME:WEIGHT> tags in prompts find NAME.safetensors (or in a folder below).
+    /// Default: $LATENT_LORA_DIR when set.
+    #[arg(long, value_name = "DIR", env = "LATENT_LORA_DIR")]
+    pub lora_dir: Option<std::path::PathBuf>,
 }
 
 /// Flags of one sampling run; shared by generate, walk and batch.
@@ -464,6 +474,8 @@ pub fn flag(setting: Setting) -> &'static str {
         Setting::InitImage => "--init-image",
         Setting::Strength => "--strength",
         Setting::Mask => "--mask",
+        Setting::Lora => "--lora",
+        Setting::LoraDir => "--lora-dir",
         _ => "an option",
     }
 }

@@ -39,6 +39,10 @@ pub enum Error {
         expected: Vec<usize>,
         found: Vec<usize>,
     },
+    /// A LoRA file cannot be applied to the model (not safetensors, keys of unsupported kinds,
+    /// layers that match no tensor or do not fit: a LoRA for another model family).
+    #[error("LoRA {path}: {message}")]
+    Lora { path: PathBuf, message: String },
     /// The tokenizer failed to load or to encode.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
@@ -151,6 +155,10 @@ pub enum Setting {
     Strength,
     /// The inpainting mask (white: redrawn).
     Mask,
+    /// A LoRA (a file, or a name in the LoRA folder).
+    Lora,
+    /// The folder `<lora:NAME>` tags are looked up in.
+    LoraDir,
 }
 
 impl Setting {
@@ -190,6 +198,8 @@ impl Setting {
             Setting::InitImage => "init_image",
             Setting::Strength => "strength",
             Setting::Mask => "mask",
+            Setting::Lora => "lora",
+            Setting::LoraDir => "lora_dir",
         }
     }
 }

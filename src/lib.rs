@@ -9,6 +9,7 @@ pub mod error;
 pub mod files;
 pub mod generate;
 pub mod kernels;
+pub mod lora;
 pub mod model;
 pub mod noise;
 pub mod npy;

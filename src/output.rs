@@ -582,7 +582,7 @@ impl GenerationParams {
             extra.push(("Prompt syntax".into(), "plain".into()));
         }
         GenerationParams {
-            prompt: prompt.to_string(),
+            prompt: model.recorded_prompt(prompt),
             negative_prompt: negative_prompt.to_string(),
             steps: s.steps,
             sampler: s.scheduler.a1111_name().to_string(),

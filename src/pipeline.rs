@@ -23,9 +23,11 @@ pub use crate::conditioning::{PromptEmbeddings, SizeConditioning, TextConditioni
 pub use crate::model::family::Family;
 
 mod image;
+mod loras;
 mod prompts;
 use crate::model::family::PIPELINE_CLASSES;
 pub use image::{decode_image, mask_luma, read_image, ImageInput};
+pub use loras::LoraSettings;
 
 /// Something the pipeline reports while it works; the library never prints.
 #[derive(Debug, Clone)]
@@ -105,6 +107,8 @@ struct Loaded {
     unet: Option<Arc<UNet>>,
     vae: Option<Arc<Vae>>,
     load_time: Duration,
+    /// The LoRAs merged into the text encoders and UNet as they load.
+    lora: crate::lora::Active,
 }
 
 impl Loaded {
@@ -176,6 +180,8 @@ pub struct StableDiffusion {
     parameters: WeightBytes,
     /// Textual-inversion embeddings a prompt may name.
     embeddings: Vec<crate::prompt::embeddings::Embedding>,
+    /// The LoRA folder and the LoRAs every prompt gets.
+    lora: LoraSettings,
 }
 
 /// Characters of dropped prompt text a truncation warning shows: enough to recognise the
@@ -233,7 +239,7 @@ impl StableDiffusion {
     ) -> Result<Self> {
         let options = LoadOptions {
             residency,
-            vae: None,
+            ..LoadOptions::default()
         };
         Self::load_opts(files, device, dtype, &options, on_event)
     }
@@ -365,6 +371,7 @@ impl StableDiffusion {
             text,
             force_zeros_for_empty_prompt,
             embeddings: Vec::new(),
+            lora: options.lora.clone(),
             unet_config,
             unet_path,
             vae,
@@ -381,6 +388,11 @@ impl StableDiffusion {
             act_dtype,
             parameters,
         };
+        // The LoRAs every prompt gets are checked now and merged as the components load.
+        if !model.lora.base.is_empty() {
+            let (_, specs) = crate::lora::for_prompt("", None, &model.lora.base)?;
+            model.use_loras(&specs)?;
+        }
         match residency {
             Residency::Resident => {
                 for stage in [Stage::TextEncode, Stage::Denoise, Stage::Decode] {
@@ -435,15 +447,18 @@ impl StableDiffusion {
                 let encoders = self
                     .text
                     .iter()
-                    .map(|t| {
-                        let w = Weights::open(&t.path, &self.device, self.act_dtype)?;
+                    .enumerate()
+                    .map(|(i, t)| {
+                        let w = Weights::open(&t.path, &self.device, self.act_dtype)?
+                            .with_patches(loaded.lora.text_patches(i));
                         ClipTextModel::load_with(&w, &t.config, t.projection)
                     })
                     .collect::<Result<Vec<_>>>()?;
                 loaded.text_encoder = Some(Arc::new(encoders));
             }
             Stage::Denoise => {
-                let w = Weights::open(&self.unet_path, &self.device, self.dtype)?;
+                let w = Weights::open(&self.unet_path, &self.device, self.dtype)?
+                    .with_patches(loaded.lora.unet_patches());
                 loaded.unet = Some(Arc::new(UNet::load(&w, &self.unet_config)?));
             }
             Stage::Decode => {
@@ -881,6 +896,8 @@ impl StableDiffusion {
         self.check_inputs(req)?;
         let mut timings = Timings::default();
 
+        // The prompt's LoRAs first, so the text encoder loads once, with them.
+        self.use_loras(&self.prompt_loras(&req.prompt)?.1)?;
         self.ensure_loaded(Stage::TextEncode, on_event)?;
         let start = Instant::now();
         let embeddings = self.encode_prompt_with(
@@ -1090,6 +1107,7 @@ impl StableDiffusion {
                 "starting latents and an init image cannot be used together",
             ));
         }
+        self.prompt_loras(&req.prompt)?;
         if let Some(l) = &req.latents {
             let f = self.vae_scale_factor();
             let want = [
@@ -1442,6 +1460,9 @@ pub struct LoadOptions<'a> {
     /// TAESDXL) or an `AutoencoderKL` (e.g. the SDXL fp16-fix VAE), in a folder or hub repo
     /// with `config.json` at its top, or a model with a `vae/` folder.
     pub vae: Option<&'a ModelFiles>,
+    /// The LoRA folder for `<lora:NAME>` tags and the LoRAs every prompt gets (checked at
+    /// load, merged as the components load).
+    pub lora: LoraSettings,
 }
 
 /// Unreachable: a getter loads its component under the same lock it reads it with.

@@ -639,3 +639,111 @@ fn lists_and_the_page() {
         "nothing from other hosts"
     );
 }
+
+/// A fixture picture as base64.
+fn fixture_b64(name: &str) -> String {
+    let bytes = std::fs::read(fixtures().join("img2img").join(name)).unwrap();
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+#[test]
+fn img2img_and_inpainting_answer_what_generate_makes() {
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = model("tiny-sd1");
+    let server = Server::start(dir.path(), &["--model", &tiny]);
+    for (mask, strength) in [(None, 0.6), (Some("mask.png"), 0.8)] {
+        let mut request = json!({
+            "prompt": "a photo of a cat",
+            "seed": 3,
+            "steps": 8,
+            "cfg_scale": 7.5,
+            "sampler_name": "Euler",
+            "denoising_strength": strength,
+            "init_images": [format!("data:image/png;base64,{}", fixture_b64("init.png"))],
+            "mask_blur": 0,
+            "inpainting_fill": 1,
+        });
+        if let Some(m) = mask {
+            request["mask"] = json!(fixture_b64(m));
+        }
+        let (status, answer) = server.post_json("/sdapi/v1/img2img", &request);
+        assert_eq!(status, 200, "{answer}");
+        let (pixels, text) = png(&b64(answer["images"][0].as_str().unwrap()));
+        let i = info(&answer);
+        assert_eq!(i["denoising_strength"], json!(strength));
+        assert_eq!(i["width"], json!(32), "the picture's size");
+        assert_eq!(answer["parameters"]["init_images"], Value::Null);
+        assert!(
+            text.contains(&format!("Denoising strength: {strength}")),
+            "{text}"
+        );
+
+        let out = dir.path().join("alone.png");
+        let init = fixtures().join("img2img/init.png");
+        let mut generate = Command::new(env!("CARGO_BIN_EXE_latent"));
+        generate
+            .current_dir(dir.path())
+            .env_remove("LATENT_MODEL")
+            .args(["generate", "a photo of a cat", "--quiet", "--overwrite"])
+            .args(["--model", &tiny, "--seed", "3", "--steps", "8"])
+            .args(["--guidance", "7.5", "--scheduler", "euler"])
+            .args(["--strength", &strength.to_string(), "--init-image"])
+            .arg(&init)
+            .arg("-o")
+            .arg(&out);
+        if let Some(m) = mask {
+            generate
+                .arg("--mask")
+                .arg(fixtures().join("img2img").join(m));
+        }
+        let generated = generate.output().unwrap();
+        assert!(generated.status.success(), "{}", stderr(&generated));
+        let (alone, alone_text) = png(&std::fs::read(&out).unwrap());
+        assert_eq!(text, alone_text, "the same parameters text");
+        assert!(
+            pixels == alone,
+            "the server's image equals latent generate's"
+        );
+    }
+}
+
+#[test]
+fn bad_img2img_requests_get_422_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &["--model", &model("tiny-sd1")]);
+    let init = fixture_b64("init.png");
+    let small = fixture_b64("mask.png");
+    let big = fixture_b64("mask-xl.png");
+    for (body, field) in [
+        (json!({"prompt": "a cat"}), "init_images"),
+        (
+            json!({"prompt": "a cat", "init_images": ["%%%"]}),
+            "init_images",
+        ),
+        (
+            json!({"prompt": "a cat", "init_images": [base64::engine::general_purpose::STANDARD.encode("text")]}),
+            "init_images",
+        ),
+        (
+            json!({"prompt": "a cat", "init_images": [init.clone()], "mask": big}),
+            "mask",
+        ),
+        (
+            json!({"prompt": "a cat", "init_images": [init.clone()], "denoising_strength": 1.5}),
+            "denoising_strength",
+        ),
+        (
+            json!({"prompt": "a cat", "init_images": [init.clone()], "denoising_strength": 0.01, "steps": 4}),
+            "denoising_strength",
+        ),
+    ] {
+        let (status, answer) = server.post_json("/sdapi/v1/img2img", &body);
+        assert_eq!(status, 422, "{body}: {answer}");
+        assert_eq!(answer["detail"][0]["loc"][1], json!(field), "{answer}");
+    }
+    // And it goes on serving.
+    let ok =
+        json!({"prompt": "a cat", "init_images": [init], "mask": small, "steps": 2, "seed": 1});
+    let (status, answer) = server.post_json("/sdapi/v1/img2img", &ok);
+    assert_eq!(status, 200, "{answer}");
+}

@@ -44,6 +44,7 @@ fn load_with_vae(dir: &Path, vae: Option<&Path>) -> StableDiffusion {
     let options = LoadOptions {
         residency: Residency::Resident,
         vae: vae_files.as_ref(),
+        ..LoadOptions::default()
     };
     StableDiffusion::load_opts(&open(dir), &Device::Cpu, DType::F32, &options, &mut |_| {}).unwrap()
 }

@@ -40,14 +40,18 @@ impl<'a> Group<'a> {
     }
 }
 
-/// Groups jobs by [`same_batch`]: groups in the order their first job comes, jobs in order.
+/// Whether two jobs can share one UNet batch: [`same_batch`] settings and the same
+/// `<lora:...>` tags (the UNet's weights depend on them).
+pub fn same_group(a: &Job, b: &Job) -> bool {
+    same_batch(&a.sampling, &b.sampling) && crate::lora::same_tags(&a.prompt, &b.prompt)
+}
+
+/// Groups jobs by [`same_group`]: groups in the order their first job comes, jobs in order.
+/// Jobs with the same LoRAs are together, so a run switches LoRAs once per set.
 pub fn group_jobs<'a>(jobs: impl IntoIterator<Item = &'a Job>) -> Vec<Group<'a>> {
     let mut groups: Vec<Group<'a>> = Vec::new();
     for job in jobs {
-        match groups
-            .iter_mut()
-            .find(|g| same_batch(g.sampling(), &job.sampling))
-        {
+        match groups.iter_mut().find(|g| same_group(g.jobs[0], job)) {
             Some(g) => g.jobs.push(job),
             None => groups.push(Group { jobs: vec![job] }),
         }

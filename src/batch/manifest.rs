@@ -79,6 +79,10 @@ pub struct Record {
     /// records of runs that used the model's own, and in records written before this field.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vae: Option<String>,
+    /// The LoRAs given for every line (`--lora`: `FILE:WEIGHT`, comma-separated); absent when
+    /// none were. A line's own `<lora:...>` tags are in its prompt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loras: Option<String>,
     /// How the prompts were read; records written before this field read them as plain text.
     #[serde(default = "plain_syntax")]
     pub prompt_syntax: PromptSyntax,
@@ -113,6 +117,25 @@ pub struct RunInfo {
     pub dtype: String,
     /// The replacement VAE's name, when there is one.
     pub vae: Option<String>,
+    /// The LoRAs every line gets, when there are some ([`RunInfo::loras_of`]).
+    pub loras: Option<String>,
+}
+
+impl RunInfo {
+    /// The LoRAs `model` gives every prompt, as records name them: `FILE:WEIGHT`, joined by
+    /// `, `; `None` for none.
+    pub fn loras_of(model: &crate::pipeline::StableDiffusion) -> Option<String> {
+        let base = model.base_loras();
+        (!base.is_empty()).then(|| {
+            base.iter()
+                .map(|l| match l.unet_weight {
+                    Some(u) => format!("{}:{}:{u}", l.path.display(), l.weight),
+                    None => format!("{}:{}", l.path.display(), l.weight),
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+    }
 }
 
 impl Record {
@@ -152,6 +175,7 @@ impl Record {
             device: run.device.clone(),
             dtype: run.dtype.clone(),
             vae: run.vae.clone(),
+            loras: run.loras.clone(),
             prompt_syntax: s.text.syntax,
             clip_skip: s.text.clip_skip,
             batch_size,
@@ -180,6 +204,7 @@ impl Record {
             model: self.model.clone(),
             dtype: self.dtype.clone(),
             vae: self.vae.clone(),
+            loras: self.loras.clone(),
             prompt_syntax: self.prompt_syntax,
             clip_skip: self.clip_skip,
         }
@@ -187,7 +212,8 @@ impl Record {
 }
 
 /// Everything that decides an image: prompt, negative prompt, seed, sampling settings, model,
-/// its dtype and a replacement VAE (an f32 and a bf16 image differ in their pixels). Resume matches items to records by this key, not by index or file name, so editing other
+/// its dtype, a replacement VAE and the LoRAs given for every line (an f32 and a bf16 image
+/// differ in their pixels). Resume matches items to records by this key, not by index or file name, so editing other
 /// lines of a prompt file does not make a finished image count as another item.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ItemKey {
@@ -204,6 +230,7 @@ pub struct ItemKey {
     pub(super) model: String,
     pub(super) dtype: String,
     pub(super) vae: Option<String>,
+    pub(super) loras: Option<String>,
     pub(super) prompt_syntax: PromptSyntax,
     pub(super) clip_skip: usize,
 }

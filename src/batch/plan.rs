@@ -67,6 +67,7 @@ impl Job {
             model: run.model.clone(),
             dtype: run.dtype.clone(),
             vae: run.vae.clone(),
+            loras: run.loras.clone(),
             prompt_syntax: s.text.syntax,
             clip_skip: s.text.clip_skip,
         }
@@ -187,5 +188,6 @@ pub fn validate_job(model: &StableDiffusion, job: &Job) -> Result<()> {
     crate::pipeline::check_prompts(&job.prompt, &job.negative_prompt)?;
     let s = &job.sampling;
     crate::prompt::check_prompts(&job.prompt, &job.negative_prompt, &s.text, s.steps)?;
+    model.prompt_loras(&job.prompt)?;
     model.check_sampling(&job.sampling, 1)
 }

@@ -8,10 +8,11 @@ use crate::pipeline::{
 use crate::schedulers::SchedulerKind;
 use crate::{Cancel, Error, Result};
 
-use super::group::same_batch;
+use super::group::same_group;
 use super::plan::Job;
 
-/// Stages 1 to 6 for one batch of jobs that share their sampling settings ([`same_batch`]):
+/// Stages 1 to 6 for one batch of jobs that share their sampling settings and LoRAs
+/// ([`same_group`]):
 /// encodes each distinct (prompt, negative prompt) once, stacks one embedding row per image,
 /// and runs the pipeline's `render_batch` with one seed per image.
 ///
@@ -30,7 +31,7 @@ pub fn render_jobs(
         return Ok(Vec::new());
     };
     let s = &first.sampling;
-    if let Some(odd) = jobs.iter().find(|j| !same_batch(&j.sampling, s)) {
+    if let Some(odd) = jobs.iter().find(|j| !same_group(j, first)) {
         return Err(Error::InvalidInput(format!(
             "items {} and {} have different settings and cannot share a batch",
             first.index, odd.index

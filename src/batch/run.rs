@@ -208,6 +208,7 @@ impl<'m> Batch<'m> {
             device: format!("{:?}", model.device().location()),
             dtype: model.dtype().as_str().to_string(),
             vae: model.vae_name().map(str::to_string),
+            loras: RunInfo::loras_of(model),
         };
         let finished = Finished::new(out_dir, &records);
         let mut batch = Batch {

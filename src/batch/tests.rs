@@ -591,6 +591,23 @@ fn groups_share_every_sampling_setting_and_keep_item_order() {
     assert_eq!(sizes, [3]);
 }
 
+#[test]
+fn lines_with_other_lora_tags_do_not_share_a_group() {
+    let f = text(
+        "a <lora:x:0.5>\nb\nc <lora:y><lora:x:0.5>\nd<lora:x:0.5>\ne <lora:x:0.5><lora:y:1>\n",
+    );
+    let mut d = defaults();
+    d.repeat = 1;
+    let plan = Plan::new(&[f], &d, 0, &no_check);
+    let groups = group_jobs(&plan.jobs);
+    let first_words: Vec<Vec<&str>> = groups
+        .iter()
+        .map(|g| g.jobs.iter().map(|j| &j.prompt[..1]).collect())
+        .collect();
+    // The same tags in another order are the same set of LoRAs.
+    assert_eq!(first_words, [vec!["a", "d"], vec!["b"], vec!["c", "e"]]);
+}
+
 // -- names ------------------------------------------------------------------------------
 
 fn job(index: usize, seed: u64, prompt: &str) -> Job {
@@ -698,6 +715,7 @@ fn run_info(model: &str, dtype: &str, vae: Option<&str>) -> RunInfo {
         device: "Cpu".into(),
         dtype: dtype.into(),
         vae: vae.map(str::to_string),
+        loras: None,
     }
 }
 

@@ -8,8 +8,9 @@ mod serve;
 mod walk;
 
 use anyhow::{bail, Context, Result};
+use latent::lora::LoraSpec;
 use latent::model::ModelSource;
-use latent::pipeline::{LoadOptions, Residency, Sampling, StableDiffusion};
+use latent::pipeline::{LoadOptions, LoraSettings, Residency, Sampling, StableDiffusion};
 use latent::Cancel;
 
 pub use batch::batch;
@@ -76,12 +77,22 @@ pub fn load_model(
         ),
         None => None,
     };
+    let lora = lora_settings(args)?;
     let options = LoadOptions {
         residency,
         vae: vae.as_ref(),
+        lora: lora.clone(),
     };
     let mut model =
         StableDiffusion::load_opts(&files, &device, dtype, &options, &mut |e| progress.event(e))?;
+    if !lora.base.is_empty() {
+        let names: Vec<String> = lora
+            .base
+            .iter()
+            .map(|l| format!("{} ({})", l.name(), l.weight))
+            .collect();
+        progress.println(&format!("LoRA: {}", names.join(", ")));
+    }
     if let Some(dir) = &args.embeddings {
         let names = model.load_embeddings(dir)?;
         progress.println(&format!(
@@ -95,6 +106,17 @@ pub fn load_model(
         ));
     }
     Ok(model)
+}
+
+/// The LoRA folder (`--lora-dir`, else `$LATENT_LORA_DIR`) and the `--lora` files.
+fn lora_settings(args: &ModelArgs) -> Result<LoraSettings> {
+    let dir = args.lora_dir.clone();
+    let base = args
+        .lora
+        .iter()
+        .map(|spec| LoraSpec::parse(spec, dir.as_deref()))
+        .collect::<latent::Result<Vec<_>>>()?;
+    Ok(LoraSettings { dir, base })
 }
 
 /// Exit status of a run abandoned by a second Ctrl-C (128 + SIGINT, as shells report it).

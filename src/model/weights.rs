@@ -19,6 +19,8 @@ struct WeightsFile {
     mmap: memmap2::Mmap,
     data_start: usize,
     tensors: HashMap<String, TensorInfo>,
+    /// The header's `__metadata__` strings.
+    metadata: HashMap<String, String>,
 }
 
 impl AsRef<[u8]> for WeightsFile {
@@ -35,6 +37,8 @@ pub struct Weights {
     prefix: String,
     device: Device,
     dtype: DType,
+    /// LoRA deltas added to some of the file's tensors as they load (see [`Self::with_patches`]).
+    patches: Option<Arc<crate::lora::Patches>>,
 }
 
 /// Asks for transparent huge pages under a large, not yet touched buffer: loading then takes
@@ -118,6 +122,7 @@ impl Weights {
                 ),
             });
         }
+        let metadata = metadata.metadata().clone().unwrap_or_default();
         Ok(Self {
             file: Arc::new(WeightsFile {
                 path: path.to_path_buf(),
@@ -125,10 +130,12 @@ impl Weights {
                 mmap,
                 data_start,
                 tensors,
+                metadata,
             }),
             prefix: String::new(),
             device: device.clone(),
             dtype,
+            patches: None,
         })
     }
 
@@ -151,6 +158,48 @@ impl Weights {
             dtype,
             ..self.clone()
         }
+    }
+
+    /// The same file, with `patches` added to the tensors they name whenever those load
+    /// (`get`, `get_host`, `get_mapped`): base weight and delta are summed in f32, then
+    /// converted to the view's dtype. The base values always come from the file, so changing
+    /// the patches and loading again never accumulates rounding.
+    pub fn with_patches(&self, patches: Option<Arc<crate::lora::Patches>>) -> Self {
+        Self {
+            patches,
+            ..self.clone()
+        }
+    }
+
+    /// Every tensor of the file (whatever the prefix) with its shape.
+    pub fn tensors(&self) -> impl Iterator<Item = (&str, &[usize])> {
+        self.file
+            .tensors
+            .iter()
+            .map(|(name, info)| (name.as_str(), info.shape.as_slice()))
+    }
+
+    /// The shape of tensor `name` (under the prefix), if the file has it.
+    pub fn shape_of(&self, name: &str) -> Option<&[usize]> {
+        self.file
+            .tensors
+            .get(&self.full_name(name))
+            .map(|i| i.shape.as_slice())
+    }
+
+    /// The header's `__metadata__` entry `key`.
+    pub fn metadata(&self, key: &str) -> Option<&str> {
+        self.file.metadata.get(key).map(String::as_str)
+    }
+
+    /// The values of tensor `full` with its patches added, when it has any.
+    fn patched(&self, full: &str, info: &TensorInfo) -> Result<Option<Vec<f32>>> {
+        let Some(patches) = self.patches.as_ref().filter(|p| p.touches(full)) else {
+            return Ok(None);
+        };
+        let mut values = self.host_values(full, info)?;
+        patches.apply(full, &info.shape, &mut values)?;
+        Ok(Some(values))
     }
 
     fn full_name(&self, name: &str) -> String {
@@ -184,6 +233,10 @@ impl Weights {
     /// Loads tensor `name`, checking that its shape is `shape`.
     pub fn get(&self, shape: &[usize], name: &str) -> Result<Tensor> {
         let (full, info) = self.shaped(shape, name)?;
+        if let Some(values) = self.patched(&full, info)? {
+            let t = Tensor::from_vec(values, shape, &Device::Cpu)?;
+            return Ok(t.to_dtype(self.dtype)?.to_device(&self.device)?);
+        }
         self.load(&full, info)
     }
 
@@ -193,6 +246,9 @@ impl Weights {
     /// converted into host memory like [`Self::get_host`].
     pub fn get_mapped(&self, shape: &[usize], name: &str) -> Result<crate::kernels::HostF32> {
         let (full, info) = self.shaped(shape, name)?;
+        if let Some(values) = self.patched(&full, info)? {
+            return Ok(values.into());
+        }
         let (dtype, bytes) = self.raw(&full, info)?;
         if dtype == DType::F32 {
             let offset = self.file.data_start + info.data_offsets.0;
@@ -232,7 +288,15 @@ impl Weights {
     /// (converted from the file's dtype in one pass), for the CPU kernels.
     pub fn get_host(&self, shape: &[usize], name: &str) -> Result<Vec<f32>> {
         let (full, info) = self.shaped(shape, name)?;
-        let (dtype, bytes) = self.raw(&full, info)?;
+        if let Some(values) = self.patched(&full, info)? {
+            return Ok(values);
+        }
+        self.host_values(&full, info)
+    }
+
+    /// The values of tensor `full` as f32 in host memory, without patches.
+    fn host_values(&self, full: &str, info: &TensorInfo) -> Result<Vec<f32>> {
+        let (dtype, bytes) = self.raw(full, info)?;
         #[cfg(all(unix, target_endian = "little"))]
         if dtype == DType::F32 {
             // One copy by the kernel from the page cache into our buffer: no page faults on the
@@ -304,6 +368,10 @@ impl Weights {
     pub fn get_any_shape(&self, name: &str) -> Result<Tensor> {
         let full = self.full_name(name);
         let info = self.info(&full)?;
+        if let Some(values) = self.patched(&full, info)? {
+            let t = Tensor::from_vec(values, info.shape.as_slice(), &Device::Cpu)?;
+            return Ok(t.to_dtype(self.dtype)?.to_device(&self.device)?);
+        }
         self.load(&full, info)
     }
 

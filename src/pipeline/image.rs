@@ -86,6 +86,12 @@ impl ImageInput {
     }
 }
 
+impl PartialEq for ImageInput {
+    fn eq(&self, other: &Self) -> bool {
+        self.same(other)
+    }
+}
+
 /// Reads a PNG, JPEG or WebP picture as RGB (alpha is dropped).
 pub fn read_image(path: &Path, setting: Setting) -> Result<RgbImage> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;

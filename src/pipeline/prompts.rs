@@ -64,6 +64,10 @@ impl StableDiffusion {
         on_event: &mut dyn FnMut(Event),
     ) -> Result<PromptEmbeddings> {
         self.check_text_options(text)?;
+        // `<lora:...>` tags are taken out of the prompt and switch the model to its LoRAs.
+        let (prompt, loras) = self.prompt_loras(prompt)?;
+        self.use_loras(&loras)?;
+        let prompt = prompt.as_str();
         let skip = if text.clip_skip > 1 && !self.supports_clip_skip() {
             on_event(Event::Warning(format!(
                 "clip skip {} has no effect on this model (AUTOMATIC1111 applies it to SD 1.x \

@@ -41,8 +41,14 @@ pub struct JobSettings {
     pub outputs: PathBuf,
 }
 
-/// The name of a request's prompt source in records and messages.
-const SOURCE: &str = "txt2img";
+/// The name of a request's prompt source in records, messages and saved folders.
+fn source(req: &Txt2Img) -> &'static str {
+    if req.image.is_some() {
+        "img2img"
+    } else {
+        "txt2img"
+    }
+}
 
 /// Runs `req` with `model` and the image seed `seed` (the first image's; image k gets seed + k,
 /// as AUTOMATIC1111), reporting every batch event to `observe`.
@@ -68,10 +74,18 @@ pub fn run_txt2img(
             }
         },
     };
-    let size = model.default_size();
+    // img2img without a size takes the picture's, rounded down to the VAE factor.
+    let f = model.vae_scale_factor() as u32;
+    let (default_w, default_h) = match &req.image {
+        Some(input) => {
+            let (w, h) = input.image().dimensions();
+            ((w - w % f) as usize, (h - h % f) as usize)
+        }
+        None => (model.default_size(), model.default_size()),
+    };
     let sampling = Sampling {
-        width: req.width.unwrap_or(size),
-        height: req.height.unwrap_or(size),
+        width: req.width.unwrap_or(default_w),
+        height: req.height.unwrap_or(default_h),
         steps: req.steps,
         guidance: req.cfg_scale,
         scheduler,
@@ -83,12 +97,13 @@ pub fn run_txt2img(
             syntax: PromptSyntax::A1111,
             clip_skip: settings.clip_skip,
         },
+        image: req.image.clone(),
     };
     // The checks of every batch line, here with their typed errors so the answer names the
     // field; the batch's own plan runs the same ones again.
     let first = Job {
         index: 0,
-        path: PathBuf::from(SOURCE),
+        path: PathBuf::from(source(req)),
         line: 1,
         prompt: req.prompt.clone(),
         negative_prompt: req.negative_prompt.clone(),
@@ -109,11 +124,11 @@ pub fn run_txt2img(
         n_iter: Some(req.n_iter),
         ..LineSpec::default()
     };
-    let file = PromptFile::in_memory(SOURCE, vec![spec]);
+    let file = PromptFile::in_memory(source(req), vec![spec]);
     let started = SystemTime::now();
     let (out_dir, access) = if req.save_images {
         (
-            fresh_folder(&settings.outputs, started)
+            fresh_folder(&settings.outputs, source(req), started)
                 .map_err(|e| JobError::Failed(e.to_string()))?,
             Access::Write,
         )
@@ -236,14 +251,15 @@ pub fn run_txt2img(
         sd_vae_hash: None,
         seed_resize_from_w: -1,
         seed_resize_from_h: -1,
-        denoising_strength: None,
+        denoising_strength: req.image.as_ref().map(|i| i.strength()),
         extra_generation_params: Default::default(),
         index_of_first_image: 0,
         infotexts,
         styles: Vec::new(),
         job_timestamp: timestamp(started),
         clip_skip: settings.clip_skip,
-        is_using_inpainting_conditioning: false,
+        is_using_inpainting_conditioning: model.is_inpainting_model()
+            && req.image.as_ref().is_some_and(|i| i.mask().is_some()),
         version: format!("latent {}", env!("CARGO_PKG_VERSION")),
         ignored_fields: ignored,
         interrupted: summary.stop == Stop::Cancelled,
@@ -261,11 +277,12 @@ pub fn run_txt2img(
     })
 }
 
-/// A folder under `outputs` no run has used: `txt2img-YYYYMMDD-hhmmss[-N]`.
-fn fresh_folder(outputs: &Path, at: SystemTime) -> std::io::Result<PathBuf> {
+/// A folder under `outputs` no run has used: `KIND-YYYYMMDD-hhmmss[-N]` (KIND: txt2img or
+/// img2img).
+fn fresh_folder(outputs: &Path, kind: &str, at: SystemTime) -> std::io::Result<PathBuf> {
     std::fs::create_dir_all(outputs)?;
     let stamp = timestamp(at);
-    let base = format!("txt2img-{}-{}", &stamp[..8], &stamp[8..]);
+    let base = format!("{kind}-{}-{}", &stamp[..8], &stamp[8..]);
     for n in 0..10_000u32 {
         let name = if n == 0 {
             base.clone()

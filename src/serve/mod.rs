@@ -4,6 +4,7 @@
 //! batch runs ([`job`]), the same loop `latent batch` uses. [`models`] lists the models a
 //! client may switch to.
 pub mod api;
+pub mod img2img;
 pub mod job;
 pub mod models;
 pub mod queue;

@@ -48,10 +48,12 @@ pub struct Txt2Img {
     pub ignored: Vec<String>,
     /// AUTOMATIC1111's `parameters` echo: its fields with their defaults, then the request's.
     pub parameters: Map<String, Value>,
+    /// img2img: the init picture, mask and strength; `None` for txt2img.
+    pub image: Option<std::sync::Arc<crate::pipeline::ImageInput>>,
 }
 
 /// AUTOMATIC1111's txt2img fields (`StableDiffusionTxt2ImgProcessingAPI`) with their defaults.
-fn txt2img_defaults() -> Map<String, Value> {
+pub(super) fn txt2img_defaults() -> Map<String, Value> {
     const DEFAULTS: &str = r#"{
         "prompt": "", "negative_prompt": "", "styles": null, "seed": -1, "subseed": -1,
         "subseed_strength": 0, "seed_resize_from_h": -1, "seed_resize_from_w": -1,
@@ -171,6 +173,22 @@ impl Fields {
     /// Takes `key` out of the object: `None` when absent or `null`.
     fn take(&mut self, key: &str) -> Option<Value> {
         self.map.remove(key).filter(|v| !v.is_null())
+    }
+
+    /// `defaults` with the values this object gives for their keys: AUTOMATIC1111's echo of a
+    /// request in its answer's `parameters`.
+    pub fn echo(&self, mut defaults: Map<String, Value>) -> Map<String, Value> {
+        for (k, v) in &self.map {
+            if defaults.contains_key(k) {
+                defaults.insert(k.clone(), v.clone());
+            }
+        }
+        defaults
+    }
+
+    /// Takes `key` out of the object as a raw value (`None` when absent or `null`).
+    pub fn value(&mut self, key: &str) -> Option<Value> {
+        self.take(key)
     }
 
     /// Whatever keys were not taken.
@@ -314,13 +332,16 @@ impl Fields {
 /// prompt, an unknown sampler or schedule type.
 pub fn parse_txt2img(body: &[u8]) -> Result<Txt2Img, Vec<Detail>> {
     let fields = Fields::parse(body)?;
-    let mut parameters = txt2img_defaults();
-    for (k, v) in &fields.map {
-        if parameters.contains_key(k) {
-            parameters.insert(k.clone(), v.clone());
-        }
-    }
-    let mut f = fields;
+    let parameters = fields.echo(txt2img_defaults());
+    parse_generation(fields, parameters)
+}
+
+/// The fields txt2img and img2img share, from `f`, with `parameters` as the echo.
+pub(super) fn parse_generation(
+    f: Fields,
+    parameters: Map<String, Value>,
+) -> Result<Txt2Img, Vec<Detail>> {
+    let mut f = f;
     let prompt = f.required_string("prompt");
     let negative_prompt = f.string("negative_prompt").unwrap_or_default();
     let seed = match f.int("seed") {
@@ -450,6 +471,7 @@ pub fn parse_txt2img(body: &[u8]) -> Result<Txt2Img, Vec<Detail>> {
         save_images,
         ignored,
         parameters,
+        image: None,
     })
 }
 
@@ -470,6 +492,9 @@ pub fn field_of(setting: crate::Setting) -> &'static str {
         Setting::BatchSize => "batch_size",
         Setting::ClipSkip => "override_settings.CLIP_stop_at_last_layers",
         Setting::Model => "override_settings.sd_model_checkpoint",
+        Setting::InitImage => "init_images",
+        Setting::Strength => "denoising_strength",
+        Setting::Mask => "mask",
         _ => "",
     }
 }

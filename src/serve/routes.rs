@@ -20,10 +20,11 @@ use super::api::{
     Detail, EmbeddingItem, EmbeddingsResponse, ErrorResponse, ProgressResponse, SamplerItem,
     SchedulerItem, SdVaeItem,
 };
+use super::img2img::parse_img2img;
 use super::job::{JobError, JobSettings};
 use super::models::Catalog;
 use super::queue::{ModelInfo, Queue, Refused, Work};
-use super::request::{parse_options, parse_txt2img};
+use super::request::{parse_options, parse_txt2img, Txt2Img};
 use crate::schedulers::SchedulerKind;
 use crate::Cancel;
 
@@ -289,11 +290,25 @@ async fn queue_and_wait<T>(
 }
 
 async fn txt2img(State(app): AppState, body: Result<Bytes, BytesRejection>) -> Response {
+    generate(app, body, parse_txt2img).await
+}
+
+async fn img2img(State(app): AppState, body: Result<Bytes, BytesRejection>) -> Response {
+    generate(app, body, parse_img2img).await
+}
+
+/// txt2img and img2img: the body read by `parse`, the model and options chosen, the job queued
+/// and its answer awaited.
+async fn generate(
+    app: Arc<App>,
+    body: Result<Bytes, BytesRejection>,
+    parse: fn(&[u8]) -> Result<Txt2Img, Vec<Detail>>,
+) -> Response {
     let body = match body {
         Ok(b) => b,
         Err(r) => return rejected(r),
     };
-    let mut req = match parse_txt2img(&body) {
+    let mut req = match parse(&body) {
         Ok(r) => r,
         Err(details) => return unprocessable(details),
     };
@@ -334,17 +349,6 @@ async fn txt2img(State(app): AppState, body: Result<Bytes, BytesRejection>) -> R
         Ok(answer) => Json(answer).into_response(),
         Err(response) => response,
     }
-}
-
-async fn img2img(body: Result<Bytes, BytesRejection>) -> Response {
-    if let Err(r) = body {
-        return rejected(r);
-    }
-    error(
-        StatusCode::NOT_IMPLEMENTED,
-        "HTTPException",
-        "img2img is not available in this version of latent: only /sdapi/v1/txt2img generates",
-    )
 }
 
 async fn get_options(State(app): AppState) -> Json<Value> {

@@ -460,6 +460,26 @@ pub fn check_walk(
             }
         }
     }
+    // The UNet's weights cannot be interpolated: every keyframe asks for the same LoRAs.
+    let mut first_loras = None;
+    for (i, kf) in keyframes.iter().enumerate() {
+        let (_, loras) = model.prompt_loras(&kf.prompt)?;
+        match &first_loras {
+            None => first_loras = Some(loras),
+            Some(first) if *first != loras => {
+                return Err(Error::setting(
+                    Setting::Prompt,
+                    crate::text::excerpt(&kf.prompt, 60),
+                    format!(
+                        "keyframe {} asks for other LoRAs than keyframe 1; a walk uses one set \
+                         of LoRAs (give every keyframe the same <lora:...> tags, or use --lora)",
+                        i + 1
+                    ),
+                ));
+            }
+            Some(_) => {}
+        }
+    }
     Ok(frames)
 }
 
