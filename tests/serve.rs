@@ -747,3 +747,37 @@ fn bad_img2img_requests_get_422_naming_the_field() {
     let (status, answer) = server.post_json("/sdapi/v1/img2img", &ok);
     assert_eq!(status, 200, "{answer}");
 }
+
+#[test]
+fn loras_lists_the_lora_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let loras = fixtures().join("lora/sd1");
+    let server = Server::start(
+        dir.path(),
+        &[
+            "--model",
+            &model("tiny-sd1"),
+            "--lora-dir",
+            loras.to_str().unwrap(),
+        ],
+    );
+    let (status, list) = server.get("/sdapi/v1/loras");
+    assert_eq!(status, 200);
+    let names: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["name"].as_str().unwrap())
+        .collect();
+    let mut want: Vec<String> = std::fs::read_dir(&loras)
+        .unwrap()
+        .filter_map(|e| {
+            let p = e.unwrap().path();
+            (p.extension()? == "safetensors")
+                .then(|| p.file_stem().unwrap().to_string_lossy().into_owned())
+        })
+        .collect();
+    want.sort();
+    assert!(!want.is_empty());
+    assert_eq!(names, want);
+}

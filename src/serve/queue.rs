@@ -79,6 +79,33 @@ pub struct ModelInfo {
     pub vae: Option<String>,
     /// Textual-inversion embeddings: (name, vector width, vectors).
     pub embeddings: Vec<(String, usize, usize)>,
+    /// The LoRAs `<lora:NAME>` tags can name: (name, file), from the LoRA folder.
+    pub loras: Vec<(String, std::path::PathBuf)>,
+}
+
+/// `.safetensors` files in `dir` and the folders below it (as `<lora:NAME>` finds them), by
+/// name; unreadable folders are skipped.
+fn lora_files(dir: Option<&std::path::Path>) -> Vec<(String, std::path::PathBuf)> {
+    let mut found = Vec::new();
+    let mut stack: Vec<(std::path::PathBuf, usize)> =
+        dir.map(|d| (d.to_path_buf(), 0)).into_iter().collect();
+    while let Some((folder, depth)) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&folder) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() && depth < 8 {
+                stack.push((path, depth + 1));
+            } else if path.extension().is_some_and(|e| e == "safetensors") {
+                if let Some(stem) = path.file_stem() {
+                    found.push((stem.to_string_lossy().into_owned(), path));
+                }
+            }
+        }
+    }
+    found.sort();
+    found
 }
 
 impl ModelInfo {
@@ -100,6 +127,7 @@ impl ModelInfo {
                     (e.name.clone(), width, e.len())
                 })
                 .collect(),
+            loras: lora_files(model.lora_dir()),
         }
     }
 }

@@ -70,7 +70,7 @@ pub fn router(app: Arc<App>, max_body: usize) -> Router {
         )
         .route("/sdapi/v1/upscalers", get(empty_list))
         .route("/sdapi/v1/latent-upscale-modes", get(empty_list))
-        .route("/sdapi/v1/loras", get(empty_list))
+        .route("/sdapi/v1/loras", get(loras))
         .route("/sdapi/v1/hypernetworks", get(empty_list))
         .route("/sdapi/v1/face-restorers", get(empty_list))
         .route("/sdapi/v1/prompt-styles", get(empty_list))
@@ -521,6 +521,24 @@ async fn sd_vae(State(app): AppState) -> Json<Vec<SdVaeItem>> {
             })
             .collect(),
     )
+}
+
+/// AUTOMATIC1111's Lora extension's list: name, alias, path, metadata.
+async fn loras(State(app): AppState) -> Json<Value> {
+    let items: Vec<Value> = app
+        .start
+        .loras
+        .iter()
+        .map(|(name, path)| {
+            serde_json::json!({
+                "name": name,
+                "alias": name,
+                "path": path.display().to_string(),
+                "metadata": {},
+            })
+        })
+        .collect();
+    Json(Value::Array(items))
 }
 
 async fn embeddings(State(app): AppState) -> Json<EmbeddingsResponse> {
