@@ -109,6 +109,7 @@ impl Server {
     }
 
     /// Sends SIGINT (Ctrl-C) and waits for the exit.
+    #[cfg(unix)]
     fn interrupt_and_wait(&mut self, secs: u64) -> std::process::ExitStatus {
         // SAFETY: signalling our own child by its id.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
@@ -579,6 +580,8 @@ fn api_auth_refuses_wrong_credentials_with_401() {
     assert_eq!(status, 401, "the page too");
 }
 
+// Ctrl-C is sent as SIGINT.
+#[cfg(unix)]
 #[test]
 fn a_full_queue_answers_503_and_ctrl_c_stops_cleanly() {
     let dir = tempfile::tempdir().unwrap();
