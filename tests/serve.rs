@@ -312,7 +312,16 @@ fn options_switch_among_the_models_dir() {
         .iter()
         .map(|m| m["title"].as_str().unwrap())
         .collect();
-    assert_eq!(titles, ["tiny-sd1", "tiny-lcm", "tiny-sd2", "tiny-sdxl"]);
+    assert_eq!(
+        titles,
+        [
+            "tiny-sd1",
+            "tiny-lcm",
+            "tiny-sd1-inpaint",
+            "tiny-sd2",
+            "tiny-sdxl"
+        ]
+    );
     assert_eq!(
         server.get("/sdapi/v1/options").1["sd_model_checkpoint"],
         "tiny-sd1"

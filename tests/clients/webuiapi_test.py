@@ -8,13 +8,14 @@ import threading
 import time
 
 import webuiapi
+from PIL import Image
 
 
 def main(host, port, user, password):
     api = webuiapi.WebUIApi(host=host, port=port, username=user, password=password)
 
     models = api.util_get_model_names()
-    assert models == ["tiny-lcm", "tiny-sd1", "tiny-sd2", "tiny-sdxl"], models
+    assert models == ["tiny-lcm", "tiny-sd1", "tiny-sd1-inpaint", "tiny-sd2", "tiny-sdxl"], models
     assert api.util_get_current_model() == "tiny-sd1"
     samplers = api.util_get_sampler_names()
     for name in ["DDIM", "DPM++ 2M", "Euler", "Euler a", "LCM", "PLMS"]:
@@ -76,12 +77,26 @@ def main(host, port, user, password):
     assert outcome["r"].info["interrupted"] is True
     api.util_wait_for_ready(check_interval=0.1)
 
-    # img2img is not there yet: a clear error, and the server goes on.
+    # img2img from the picture made above, then inpainting with a mask (the client's defaults:
+    # Euler a, mask_blur 4, inpainting_fill 0, which latent runs as 1 and reports).
+    i2i = api.img2img(images=[again.image], prompt="a cat", steps=4, seed=5, width=64, height=64,
+                      denoising_strength=0.6)
+    assert len(i2i.images) == 1 and i2i.image.size == (64, 64)
+    assert i2i.info["denoising_strength"] == 0.6, i2i.info
+    assert "Denoising strength: 0.6" in i2i.info["infotexts"][0], i2i.info["infotexts"][0]
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    inp = api.img2img(images=[again.image], mask_image=mask, prompt="a cat", steps=4, seed=5,
+                      width=64, height=64, denoising_strength=0.9)
+    assert inp.image.size == (64, 64)
+    assert "inpainting_fill" in inp.info["ignored_fields"], inp.info["ignored_fields"]
+    # A mask of another size is refused, naming the field, and the server goes on.
     try:
-        api.img2img(images=[again.image], prompt="a cat", steps=2)
-        raise AssertionError("img2img answered")
+        api.img2img(images=[again.image], mask_image=Image.new("L", (8, 8), 255), prompt="a cat",
+                    steps=2, width=64, height=64)
+        raise AssertionError("a mask of another size was accepted")
     except RuntimeError as e:
-        assert e.args[0] == 501, e.args
+        assert e.args[0] == 422, e.args
 
     # Wrong credentials are refused.
     stranger = webuiapi.WebUIApi(host=host, port=port, username=user, password=password + "x")
