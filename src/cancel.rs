@@ -66,6 +66,11 @@ impl Cancel {
         Ok(())
     }
 
+    /// True when `other` is a clone of this flag (a server finds a queued job's flag by it).
+    pub fn same_as(&self, other: &Cancel) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+
     /// Held by the run while it writes one finished output and its record; whoever must end
     /// the process at once takes it first.
     pub fn writing(&self) -> MutexGuard<'_, ()> {

@@ -28,6 +28,8 @@ pub enum Command {
     Walk(Box<WalkArgs>),
     /// Time each stage of one generation (load, text encode, UNet step, decode) and peak memory.
     Bench(Box<BenchArgs>),
+    /// Serve AUTOMATIC1111's HTTP API (/sdapi/v1) and a web page, keeping the model loaded.
+    Serve(Box<ServeArgs>),
     /// Print the generation parameters stored in a PNG made by latent (or AUTOMATIC1111).
     Info {
         /// PNG file(s) to read.
@@ -216,6 +218,20 @@ pub struct GenerateArgs {
     /// (n, channels, h/f, w/f), f the VAE factor (SD: 4 channels, f = 8).
     #[arg(long)]
     pub latents: Option<PathBuf>,
+    /// img2img: start from this picture (PNG, JPEG or WebP) instead of noise. The size
+    /// defaults to the picture's (rounded down to the VAE factor); a picture of another size
+    /// than -W/-H is resized.
+    #[arg(long, value_name = "FILE", conflicts_with = "latents")]
+    pub init_image: Option<PathBuf>,
+    /// How much of the init image is redrawn, in (0, 1]: the last strength x steps steps run
+    /// (1: from pure noise). Default 0.8, with --mask 1.0 (diffusers' defaults).
+    #[arg(long, value_name = "S", requires = "init_image")]
+    pub strength: Option<f64>,
+    /// Inpainting: redraw the init image where this picture is white (luma of at least half)
+    /// and keep it where black. Works with any model; inpainting models (9-channel UNets)
+    /// need it.
+    #[arg(long, value_name = "FILE", requires = "init_image")]
+    pub mask: Option<PathBuf>,
     /// Output PNG file, or folder (default: outputs/).
     #[arg(short, long)]
     pub output: Option<PathBuf>,
@@ -384,6 +400,44 @@ pub struct BenchArgs {
     pub resident: bool,
 }
 
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address and port to listen on. The default answers only this machine; 0.0.0.0:PORT
+    /// answers the network (then set --api-auth).
+    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:7860")]
+    pub listen: std::net::SocketAddr,
+    /// Folder of diffusers model folders (each with model_index.json) that clients may switch
+    /// to with sd_model_checkpoint, besides the starting model (--model).
+    #[arg(long, value_name = "DIR")]
+    pub models_dir: Option<PathBuf>,
+    /// Require HTTP Basic authentication with user:password (several separated by commas),
+    /// as AUTOMATIC1111's flag of the same name.
+    #[arg(
+        long,
+        value_name = "USER:PASS",
+        env = "LATENT_API_AUTH",
+        hide_env_values = true
+    )]
+    pub api_auth: Option<String>,
+    /// Largest request body in bytes; a larger one is answered 413.
+    #[arg(long, value_name = "BYTES", default_value_t = 50 * 1024 * 1024)]
+    pub max_body: usize,
+    /// Requests that may wait behind the one being generated; more are answered 503.
+    #[arg(long, value_name = "N", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
+    pub queue: u32,
+    /// Folder for the images of requests with save_images: one subfolder per request, with its
+    /// manifest.jsonl, as `latent batch` writes.
+    #[arg(
+        short,
+        long,
+        value_name = "DIR",
+        default_value = "outputs/txt2img-images"
+    )]
+    pub output: PathBuf,
+    #[command(flatten)]
+    pub model: ModelArgs,
+}
+
 /// The flag that sets `setting` on the command line.
 pub fn flag(setting: Setting) -> &'static str {
     match setting {
@@ -419,6 +473,9 @@ pub fn flag(setting: Setting) -> &'static str {
         Setting::Embeddings => "--embeddings",
         Setting::Lora => "--lora",
         Setting::LoraDir => "--lora-dir",
+        Setting::InitImage => "--init-image",
+        Setting::Strength => "--strength",
+        Setting::Mask => "--mask",
         _ => "an option",
     }
 }

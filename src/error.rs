@@ -153,6 +153,12 @@ pub enum Setting {
     Lora,
     /// The folder `<lora:NAME>` tags are looked up in.
     LoraDir,
+    /// The image img2img and inpainting start from.
+    InitImage,
+    /// How much of the init image is redrawn (img2img's strength).
+    Strength,
+    /// The inpainting mask (white: redrawn).
+    Mask,
 }
 
 impl Setting {
@@ -191,6 +197,9 @@ impl Setting {
             Setting::Embeddings => "embeddings",
             Setting::Lora => "lora",
             Setting::LoraDir => "lora_dir",
+            Setting::InitImage => "init_image",
+            Setting::Strength => "strength",
+            Setting::Mask => "mask",
         }
     }
 }

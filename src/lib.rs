@@ -19,6 +19,7 @@ pub mod preview;
 pub mod prompt;
 pub mod resources;
 pub mod schedulers;
+pub mod serve;
 pub mod text;
 pub mod walk;
 

@@ -13,6 +13,7 @@ fn main() -> std::process::ExitCode {
         cli::Command::Batch(args) => commands::batch(*args),
         cli::Command::Walk(args) => commands::walk(*args),
         cli::Command::Bench(args) => commands::bench(*args),
+        cli::Command::Serve(args) => commands::serve(*args),
         cli::Command::Info { files } => commands::info(&files),
     };
     match result {

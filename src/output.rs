@@ -311,9 +311,37 @@ pub fn write_image(
     )
 }
 
-/// Encodes the PNG into `file` and syncs it to disk; errors name `path`, the final target.
+/// The PNG [`write_image`] would write for `image`, as bytes in memory (a server's answer).
+pub fn png_bytes(image: &crate::pipeline::GeneratedImage, parameters: &str) -> Result<Vec<u8>> {
+    encode_rgb(
+        &image.rgb,
+        image.width as u32,
+        image.height as u32,
+        parameters,
+    )
+}
+
+/// An 8-bit RGB buffer of `width` x `height` as PNG bytes with the `parameters` text.
+pub fn encode_rgb(rgb: &[u8], width: u32, height: u32, parameters: &str) -> Result<Vec<u8>> {
+    let label = Path::new("(in memory)");
+    let expected = (width as usize)
+        .checked_mul(height as usize)
+        .and_then(|n| n.checked_mul(3));
+    if width == 0 || height == 0 || expected != Some(rgb.len()) {
+        return Err(Error::InvalidInput(format!(
+            "image buffer has {} bytes, expected {width}x{height}x3",
+            rgb.len()
+        )));
+    }
+    let mut bytes = Vec::new();
+    encode_png(&mut bytes, label, rgb, width, height, parameters)?;
+    Ok(bytes)
+}
+
+/// Encodes the PNG into `file` (synced to disk by the caller when it is one); errors name
+/// `path`, the final target.
 fn encode_png(
-    file: &mut File,
+    file: impl io::Write,
     path: &Path,
     rgb: &[u8],
     width: u32,
@@ -507,7 +535,7 @@ fn next_index<'a>(names: impl Iterator<Item = &'a str>) -> u64 {
 impl GenerationParams {
     /// The metadata of one image made by `model`: prompt, negative prompt, sampling settings,
     /// seed, and after AUTOMATIC1111's standard keys the VAE when replaced (A1111's `VAE` key),
-    /// SDXL's size conditioning when set, the noise generator (`RNG`, as A1111) and the dtype
+    /// img2img's `Denoising strength`, SDXL's size conditioning when set, the noise generator (`RNG`, as A1111) and the dtype
     /// the model ran in (`Precision: f32`, `f16` or `bf16`; A1111 has no such key, since its
     /// precision is a global setting, but here the same settings in another dtype give other
     /// pixels).
@@ -521,6 +549,10 @@ impl GenerationParams {
         let mut extra = Vec::new();
         if let Some(vae) = model.vae_name() {
             extra.push(("VAE".into(), vae.to_string()));
+        }
+        // img2img and inpainting: A1111's key; the picture itself is not recorded (as A1111).
+        if let Some(image) = &s.image {
+            extra.push(("Denoising strength".into(), image.strength().to_string()));
         }
         // Only SDXL models accept size conditioning (`check_inputs`), so set sizes are theirs.
         let c = &s.size_conditioning;

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::model::autoencoder::{Autoencoder, AutoencoderConfig, AutoencoderFiles};
+use crate::model::autoencoder::{Autoencoder, AutoencoderConfig, AutoencoderFiles, ImageEncoder};
 use crate::model::config::TIME_IDS;
 use crate::model::{
     guidance_scale_embedding, AddedConditioning, ConfigFile, ModelFiles, UNet, UNetConfig, Weights,
@@ -22,9 +22,11 @@ use crate::{Cancel, Error, Result, Setting};
 pub use crate::conditioning::{PromptEmbeddings, SizeConditioning, TextConditioning, TimeIds};
 pub use crate::model::family::Family;
 
+mod image;
 mod loras;
 mod prompts;
 use crate::model::family::PIPELINE_CLASSES;
+pub use image::{decode_image, mask_luma, read_image, ImageInput};
 pub use loras::LoraSettings;
 
 /// Something the pipeline reports while it works; the library never prints.
@@ -161,6 +163,8 @@ pub struct StableDiffusion {
     vae_name: Option<String>,
     /// A tiny VAE's decoder kept for previews, loaded on the first one.
     preview_vae: Mutex<Option<Arc<Autoencoder>>>,
+    /// The VAE's encoder for img2img, loaded on the first init image.
+    image_encoder: Mutex<Option<Arc<ImageEncoder>>>,
     /// dtype of the VAE: f32 when the model's dtype is f16 and the VAE config says
     /// `force_upcast` in an SDXL pipeline (diffusers' rule), else the model's dtype.
     vae_dtype: DType,
@@ -373,6 +377,7 @@ impl StableDiffusion {
             vae,
             vae_name: options.vae.map(|v| v.name().to_string()),
             preview_vae: Mutex::new(None),
+            image_encoder: Mutex::new(None),
             vae_dtype,
             residency,
             loaded: Mutex::new(Loaded::default()),
@@ -540,9 +545,9 @@ impl StableDiffusion {
         &self.vae.config
     }
 
-    /// Latent channels the UNet works on.
+    /// Latent channels the UNet works on (its output; an inpainting UNet reads more).
     pub fn latent_channels(&self) -> usize {
-        self.unet_config.in_channels
+        self.unet_config.out_channels
     }
 
     /// The device the model lives on.
@@ -685,6 +690,33 @@ impl StableDiffusion {
         preview_every: Option<usize>,
         on_step: &mut dyn FnMut(usize, usize, Option<Tensor>) -> Result<()>,
     ) -> Result<Tensor> {
+        self.denoise_from(
+            latents,
+            LoopStart::default(),
+            embeddings,
+            guidance,
+            time_ids,
+            scheduler,
+            noise,
+            preview_every,
+            on_step,
+        )
+    }
+
+    /// [`Self::denoise`] from loop position `start.index` (img2img), with inpainting's mask.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn denoise_from(
+        &self,
+        latents: Tensor,
+        start: LoopStart,
+        embeddings: &PromptEmbeddings,
+        guidance: f64,
+        time_ids: Option<&TimeIds>,
+        scheduler: &mut dyn Scheduler,
+        noise: &mut dyn NoiseSource,
+        preview_every: Option<usize>,
+        on_step: &mut dyn FnMut(usize, usize, Option<Tensor>) -> Result<()>,
+    ) -> Result<Tensor> {
         let unet = self.unet(&mut |_| {})?;
         let b = latents.dim(0)?;
         let cfg = embeddings.uncond.is_some();
@@ -702,20 +734,34 @@ impl StableDiffusion {
             None => None,
         };
         let timesteps = scheduler.timesteps().to_vec();
+        let first = start.index;
+        let steps = timesteps.len().saturating_sub(first);
         // Previews: every n steps, x̂₀ from the scaled input and the guided output.
         let preview = match preview_every {
             Some(n) => Some((n, DenoisedEstimate::new(&self.scheduler_config)?)),
             None => None,
         };
         let mut latents = latents;
-        for (i, &t) in timesteps.iter().enumerate() {
-            if embeddings.selection(i) != selection {
-                selection = embeddings.selection(i);
-                inputs = StepInputs::new(self, &embeddings.at_step(i), b, time_ids)?;
+        for (i, &t) in timesteps.iter().enumerate().skip(first) {
+            // Prompt editing counts the steps that run.
+            let done = i - first;
+            if embeddings.selection(done) != selection {
+                selection = embeddings.selection(done);
+                inputs = StepInputs::new(self, &embeddings.at_step(done), b, time_ids)?;
             }
             // Scaled once, then doubled for the guidance batch (the scaling is per element).
             let scaled = scheduler.scale_model_input(&latents, i)?;
-            let pred = inputs.predict(&unet, &scaled, t, timestep_cond.as_ref(), self.act_dtype)?;
+            let unet_input = match &start.inpaint {
+                Some(inpaint) => inpaint.unet_input(&scaled)?,
+                None => scaled.clone(),
+            };
+            let pred = inputs.predict(
+                &unet,
+                &unet_input,
+                t,
+                timestep_cond.as_ref(),
+                self.act_dtype,
+            )?;
             let pred = if cfg {
                 let uncond = pred.narrow(0, 0, b)?;
                 let text = pred.narrow(0, b, b)?;
@@ -725,23 +771,25 @@ impl StableDiffusion {
             };
             // None after the last step: the image itself follows.
             let denoised = match &preview {
-                Some((n, estimate)) if (i + 1) % n == 0 && i + 1 < timesteps.len() => {
+                Some((n, estimate)) if (done + 1).is_multiple_of(*n) && i + 1 < timesteps.len() => {
                     Some(estimate.estimate(&scaled, &pred, t)?)
                 }
                 _ => None,
             };
             latents = scheduler.step(&pred, i, &latents, noise)?;
+            if let Some(inpaint) = &start.inpaint {
+                latents = inpaint.after_step(latents, scheduler, i)?;
+            }
             // One reduction over the small latent tensor per step: a NaN or inf (an overflowed
             // guidance scale, a broken checkpoint) stops the run here, naming the step,
             // instead of decoding into a black image.
             if !all_finite(&latents)? {
                 return Err(Error::NonFinite(format!(
-                    "denoising step {} of {}",
-                    i + 1,
-                    timesteps.len()
+                    "denoising step {} of {steps}",
+                    done + 1
                 )));
             }
-            on_step(i + 1, timesteps.len(), denoised)?;
+            on_step(done + 1, steps, denoised)?;
         }
         Ok(latents)
     }
@@ -941,21 +989,41 @@ impl StableDiffusion {
         on_event: &mut dyn FnMut(Event),
     ) -> Result<Tensor> {
         let b = seeds.len();
-        self.ensure_loaded(Stage::Denoise, on_event)?;
-        let mut scheduler = self.scheduler(s.scheduler, s.steps, s.karras)?;
         let mut noise = s.rng.noise_source(seeds.iter().copied());
-        let latents = self.prepare_latents(
-            b,
-            s.width,
-            s.height,
-            scheduler.as_ref(),
-            noise.as_mut(),
-            given,
-        )?;
+        let (mut scheduler, latents, loop_start) = match &s.image {
+            Some(input) => {
+                let (scheduler, index) = self.image_schedule(s, input)?;
+                let (latents, inpaint) = self.prepare_image_latents(
+                    input,
+                    b,
+                    s,
+                    scheduler.as_ref(),
+                    index,
+                    noise.as_mut(),
+                    on_event,
+                )?;
+                (scheduler, latents, LoopStart { index, inpaint })
+            }
+            None => {
+                let scheduler = self.scheduler(s.scheduler, s.steps, s.karras)?;
+                let latents = self.prepare_latents(
+                    b,
+                    s.width,
+                    s.height,
+                    scheduler.as_ref(),
+                    noise.as_mut(),
+                    given,
+                )?;
+                (scheduler, latents, LoopStart::default())
+            }
+        };
+        self.ensure_loaded(Stage::Denoise, on_event)?;
+        let first_step = loop_start.index;
         let start = Instant::now();
         let time_ids = self.time_ids(s.width, s.height, &s.size_conditioning);
-        let latents = self.denoise(
+        let latents = self.denoise_from(
             latents,
+            loop_start,
             embeddings,
             s.guidance,
             time_ids.as_ref(),
@@ -982,7 +1050,7 @@ impl StableDiffusion {
             },
         )?;
         timings.denoise += start.elapsed();
-        timings.unet_steps += scheduler.timesteps().len();
+        timings.unet_steps += scheduler.timesteps().len() - first_step;
         Ok(latents)
     }
 
@@ -1033,6 +1101,13 @@ impl StableDiffusion {
         self.check_sampling(s, req.batch_size.min(req.seeds.len()))?;
         crate::prompt::check_prompts(&req.prompt, &req.negative_prompt, &s.text, s.steps)?;
         self.prompt_loras(&req.prompt)?;
+        if let (Some(_), Some(_)) = (&req.latents, &s.image) {
+            return Err(Error::setting(
+                Setting::Latents,
+                "",
+                "starting latents and an init image cannot be used together",
+            ));
+        }
         if let Some(l) = &req.latents {
             let f = self.vae_scale_factor();
             let want = [
@@ -1065,6 +1140,7 @@ impl StableDiffusion {
     /// here, once, before work.
     pub fn check_sampling(&self, s: &Sampling, batch: usize) -> Result<()> {
         self.check_text_options(&s.text)?;
+        self.check_image(s)?;
         let f = self.vae_scale_factor();
         for (setting, v) in [(Setting::Width, s.width), (Setting::Height, s.height)] {
             if v == 0 || v % f != 0 {
@@ -1335,7 +1411,7 @@ fn check_vae_fits(
     replacement: bool,
 ) -> Result<()> {
     let channels = vae.config.latent_channels();
-    if channels != unet.in_channels {
+    if channels != unet.out_channels {
         return Err(Error::config(
             &vae.config_path,
             "latent_channels",
@@ -1343,10 +1419,20 @@ fn check_vae_fits(
                 "is {channels}, but the UNet of {} works on {} channels: this {} belongs to \
                  another model family",
                 files.name(),
-                unet.in_channels,
+                unet.out_channels,
                 vae.config.class_name()
             ),
         ));
+    }
+    // The latents, or (inpainting UNets) the latents, the mask and the masked image's latents.
+    if unet.in_channels != channels && unet.in_channels != 2 * channels + 1 {
+        return Err(Error::InvalidInput(format!(
+            "{}: the UNet reads {} channels, but its VAE gives {channels} (an inpainting UNet \
+             reads {})",
+            files.name(),
+            unet.in_channels,
+            2 * channels + 1
+        )));
     }
     if replacement && files.has("vae/config.json") {
         let own = AutoencoderFiles::open_config_only(files, "vae")?;
@@ -1402,6 +1488,13 @@ pub fn to_rgb8(image: &Tensor) -> Result<Vec<u8>> {
 /// The UNet's text inputs for one conditioning: the context rows ([uncond x b, cond x b] with
 /// guidance) and SDXL's pooled embeddings with size ids. A prompt and negative prompt of
 /// different lengths (AUTOMATIC1111's chunks) run as two UNet batches, as AUTOMATIC1111 does.
+/// Where the denoising loop starts: loop position 0 and no mask for text to image.
+#[derive(Default)]
+pub(crate) struct LoopStart {
+    index: usize,
+    inpaint: Option<image::Inpaint>,
+}
+
 struct StepInputs {
     /// One context for all rows, or (uncond, cond) when their lengths differ.
     context: Vec<Tensor>,
@@ -1526,6 +1619,8 @@ pub struct Sampling {
     pub preview_every: Option<usize>,
     /// How prompts are read and encoded.
     pub text: TextOptions,
+    /// img2img / inpainting: the picture (and mask) to start from; `None`: text to image.
+    pub image: Option<Arc<ImageInput>>,
 }
 
 /// What to generate.

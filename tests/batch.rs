@@ -279,6 +279,7 @@ fn render_jobs_batch_equals_single_on_latents() {
             size_conditioning: Default::default(),
             preview_every: None,
             text: Default::default(),
+            image: None,
         },
         repeat: 1,
     };
@@ -635,6 +636,7 @@ fn the_library_run_stops_after_the_batch_in_flight_when_cancelled() {
         size_conditioning: Default::default(),
         preview_every: None,
         text: Default::default(),
+        image: None,
     };
     // The settings check comes first, before the folder is touched.
     let bad = BatchConfig {
@@ -677,4 +679,85 @@ fn the_library_run_stops_after_the_batch_in_flight_when_cancelled() {
     assert_eq!((summary.made, summary.left, summary.items), (2, 3, 5));
     assert!(summary.stopped_early());
     assert_eq!(records(dir.path()).len(), 2);
+}
+
+#[test]
+fn a_run_kept_in_memory_makes_the_files_a_folder_run_writes_and_touches_no_folder() {
+    let model = load_tiny();
+    let dir = tempfile::tempdir().unwrap();
+    // An in-memory prompt source, as a server builds one from a request.
+    let spec = batch::LineSpec {
+        prompt: "a cat".into(),
+        negative_prompt: Some("blurry".into()),
+        seed: Some(40),
+        batch_size: Some(2),
+        n_iter: Some(2),
+        ..Default::default()
+    };
+    let file = batch::PromptFile::in_memory("request", vec![spec]);
+    let config = |out: &str| BatchConfig {
+        out_dir: dir.path().join(out),
+        seed: Some(40),
+        new_seed: 0,
+        repeat: 1,
+        batch_size: 2,
+        max_images: None,
+        template: batch::DEFAULT_TEMPLATE.parse().unwrap(),
+        overwrite: false,
+        wait: false,
+        shard: None,
+    };
+    let sampling = Sampling {
+        width: 64,
+        height: 64,
+        steps: 2,
+        guidance: 7.5,
+        scheduler: "euler".parse().unwrap(),
+        karras: false,
+        rng: RngKind::Torch,
+        size_conditioning: Default::default(),
+        preview_every: None,
+        text: Default::default(),
+    };
+    let run = |out: &str, access| {
+        let prepared = Batch::prepare(
+            &model,
+            config(out),
+            std::slice::from_ref(&file),
+            "",
+            sampling.clone(),
+            access,
+        )
+        .unwrap();
+        let mut made = Vec::new();
+        let summary = prepared
+            .run(&Cancel::new(), &mut |event| match event {
+                BatchEvent::Made { png, record } => made.push((record.clone(), png.to_vec())),
+                BatchEvent::Written { path, record } => {
+                    made.push((record.clone(), fs::read(path).unwrap()))
+                }
+                _ => {}
+            })
+            .unwrap();
+        assert_eq!((summary.made, summary.failed), (4, 0));
+        made
+    };
+    let memory = run("memory", Access::Memory);
+    assert!(
+        !dir.path().join("memory").exists(),
+        "no folder, no lock, no manifest"
+    );
+    let written = run("folder", Access::Write);
+    assert_eq!(memory.len(), 4);
+    for ((mem_record, mem_png), (file_record, file_png)) in memory.iter().zip(&written) {
+        assert_eq!(mem_record.seed, file_record.seed);
+        assert_eq!(mem_record.source, "request:1");
+        assert_eq!(mem_record.parameters, file_record.parameters);
+        assert!(
+            mem_png == file_png,
+            "the same PNG bytes, parameters included"
+        );
+    }
+    let seeds: Vec<u64> = memory.iter().map(|(r, _)| r.seed).collect();
+    assert_eq!(seeds, [40, 41, 42, 43]);
 }

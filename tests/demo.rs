@@ -684,6 +684,7 @@ fn score(model: &StableDiffusion, label: &str, cases: &[Case], first_seed: u64) 
         size_conditioning: Default::default(),
         preview_every: None,
         text: Default::default(),
+        image: None,
     };
     let embeddings: Vec<PromptEmbeddings> = cases
         .iter()

@@ -11,7 +11,7 @@ use latent::pipeline::{GenerateRequest, Sampling, StableDiffusion};
 use latent::prompt::{PromptSyntax, TextOptions};
 
 mod common;
-use common::{fixtures, latent, max_abs, max_abs_diff, stderr};
+use common::{assert_close, fixtures, latent, stderr};
 
 fn goldens(name: &str) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(fixtures().join("embeddings").join(name), &Device::Cpu).unwrap()
@@ -27,16 +27,6 @@ fn load(name: &str, embeddings: &str) -> StableDiffusion {
     m.load_embeddings(&fixtures().join("embeddings").join(embeddings))
         .unwrap();
     m
-}
-
-fn assert_close(got: &Tensor, want: &Tensor, what: &str) {
-    assert_eq!(got.dims(), want.dims(), "{what}");
-    let diff = max_abs_diff(got, want);
-    let range = max_abs(want);
-    assert!(
-        diff <= 1e-5 * range.max(1.0),
-        "{what}: max |diff| {diff:e} (range {range})"
-    );
 }
 
 const PLAIN: TextOptions = TextOptions {
@@ -89,6 +79,7 @@ fn plain_prompts_match_diffusers_textual_inversion() {
             size_conditioning: Default::default(),
             preview_every: None,
             text: PLAIN,
+            image: None,
         },
         seeds: vec![3],
         batch_size: 1,

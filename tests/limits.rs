@@ -123,6 +123,7 @@ fn sampling(side: usize) -> latent::pipeline::Sampling {
         size_conditioning: Default::default(),
         preview_every: None,
         text: Default::default(),
+        image: None,
     }
 }
 

@@ -76,6 +76,7 @@ fn run(model: &StableDiffusion, prompt: &str) -> Tensor {
                 syntax: PromptSyntax::Plain,
                 clip_skip: 1,
             },
+            image: None,
         },
         seeds: vec![3],
         batch_size: 1,

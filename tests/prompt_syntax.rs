@@ -10,7 +10,7 @@ use latent::prompt::{parse_attention, schedule, PromptSyntax, TextOptions};
 use serde_json::Value;
 
 mod common;
-use common::{fixtures, max_abs, max_abs_diff};
+use common::{assert_close, fixtures, max_abs_diff};
 
 fn json(name: &str) -> Value {
     let text = std::fs::read_to_string(fixtures().join("prompts").join(name)).unwrap();
@@ -71,17 +71,6 @@ fn load(name: &str) -> StableDiffusion {
         .open()
         .unwrap();
     StableDiffusion::load(&files, &Device::Cpu, DType::F32, &mut |_| {}).unwrap()
-}
-
-/// Within 1e-5 of the golden's range (summation order differs from PyTorch's).
-fn assert_close(got: &Tensor, want: &Tensor, what: &str) {
-    assert_eq!(got.dims(), want.dims(), "{what}");
-    let diff = max_abs_diff(got, want);
-    let range = max_abs(want);
-    assert!(
-        diff <= 1e-5 * range.max(1.0),
-        "{what}: max |diff| {diff:e} (range {range})"
-    );
 }
 
 #[test]
@@ -224,6 +213,7 @@ fn latents_in(model: &StableDiffusion, prompt: &str, negative: &str, text: TextO
             size_conditioning: Default::default(),
             preview_every: None,
             text,
+            image: None,
         },
         seeds: vec![7],
         batch_size: 1,

@@ -248,6 +248,7 @@ fn sampling(scheduler: SchedulerKind, steps: usize) -> Sampling {
         size_conditioning: Default::default(),
         preview_every: None,
         text: Default::default(),
+        image: None,
     }
 }
 

@@ -441,6 +441,7 @@ fn a_cancelled_run_stops_after_its_batch_and_resumes() {
         size_conditioning: Default::default(),
         preview_every: None,
         text: Default::default(),
+        image: None,
     };
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("w");

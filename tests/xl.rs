@@ -213,6 +213,7 @@ fn run_case(case: &Value, models: &mut HashMap<PathBuf, StableDiffusion>, tmp: &
             },
             preview_every: None,
             text: Default::default(),
+            image: None,
         },
         seeds: (0..n).map(|i| seed + i).collect(),
         batch_size: n as usize,

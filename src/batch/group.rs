@@ -4,10 +4,16 @@ use crate::pipeline::Sampling;
 use super::plan::Job;
 
 /// Whether images with these settings can share one UNet batch: same size, steps, scheduler,
-/// Karras, guidance (the same guidance also means the same CFG doubling) and generator.
-/// Prompts, negative prompts and seeds may differ.
+/// Karras, guidance (the same guidance also means the same CFG doubling), generator and init
+/// image. Prompts, negative prompts and seeds may differ.
 pub fn same_batch(a: &Sampling, b: &Sampling) -> bool {
-    a.width == b.width
+    let same_image = match (&a.image, &b.image) {
+        (None, None) => true,
+        (Some(x), Some(y)) => x.same(y),
+        _ => false,
+    };
+    same_image
+        && a.width == b.width
         && a.height == b.height
         && a.steps == b.steps
         && a.scheduler == b.scheduler

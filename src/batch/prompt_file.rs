@@ -116,6 +116,23 @@ pub struct PromptFile {
     pub errors: Vec<LineError>,
 }
 
+impl PromptFile {
+    /// A prompt source that is not a file (a server's request): `specs` become lines 1, 2, ...
+    /// and `name` stands for the file in records and messages (`name:1`).
+    pub fn in_memory(name: &str, specs: Vec<LineSpec>) -> PromptFile {
+        PromptFile {
+            path: PathBuf::from(name),
+            format: Format::Jsonl,
+            lines: specs
+                .into_iter()
+                .enumerate()
+                .map(|(i, spec)| Line { line: i + 1, spec })
+                .collect(),
+            errors: Vec::new(),
+        }
+    }
+}
+
 /// Reads and parses a prompt file; `format` overrides the one its extension names.
 ///
 /// Errors (for the whole file): missing or unreadable, an extension that names no format

@@ -73,7 +73,8 @@ impl BatchConfig {
     }
 }
 
-/// Whether a prepared batch may write (a run) or only reads (`--check`).
+/// Whether a prepared batch may write (a run) or only reads (`--check`), or keeps its images
+/// in memory (a server's request that saves nothing).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Access {
     /// Locks the folder, removes leftover temporary files, opens the manifest for appending and
@@ -81,6 +82,9 @@ pub enum Access {
     Write,
     /// Takes no lock and changes nothing: it must not block on, or disturb, a run in progress.
     Read,
+    /// Touches no folder (`out_dir` is not used): every item is made, and each image is handed
+    /// to the caller as PNG bytes with its record ([`BatchEvent::Made`]) instead of written.
+    Memory,
 }
 
 /// A planned batch: every line checked, every item sorted into done, to make or blocked.
@@ -99,6 +103,7 @@ pub struct Batch<'m> {
     blocked: Vec<String>,
     warnings: Vec<String>,
     manifest: Option<Manifest>,
+    access: Access,
     // Held for the life of the batch; released by the OS however the process ends.
     _lock: Option<FolderLock>,
 }
@@ -117,7 +122,7 @@ impl<'m> Batch<'m> {
     ) -> Result<Batch<'m>> {
         config.validate()?;
         let out_dir = &config.out_dir;
-        if out_dir.exists() && !out_dir.is_dir() {
+        if access != Access::Memory && out_dir.exists() && !out_dir.is_dir() {
             return Err(Error::setting(
                 Setting::Output,
                 out_dir.display(),
@@ -132,7 +137,7 @@ impl<'m> Batch<'m> {
                     .map_or(LockMode::Exclusive, |shard| shard.lock_mode());
                 Some(FolderLock::acquire(out_dir, mode, config.wait)?)
             }
-            Access::Read => None,
+            Access::Read | Access::Memory => None,
         };
         let mut warnings = Vec::new();
         let (mut manifest, contents) = match access {
@@ -141,6 +146,7 @@ impl<'m> Batch<'m> {
                 (Some(m), c)
             }
             Access::Read => (None, Manifest::read(&manifest_path)?),
+            Access::Memory => (None, Default::default()),
         };
         if let Some(torn) = &contents.torn {
             warnings.push(format!(
@@ -155,7 +161,10 @@ impl<'m> Batch<'m> {
             ));
         }
         // Every manifest of the folder counts as one: shards, and runs before or after them.
-        let mut records = shard::read_all(out_dir, Some(&manifest_path))?;
+        let mut records = match access {
+            Access::Memory => Vec::new(),
+            Access::Write | Access::Read => shard::read_all(out_dir, Some(&manifest_path))?,
+        };
         records.extend(contents.records);
         let recorded_seed = records.last().map(|r| r.run_seed);
         let run_seed =
@@ -215,6 +224,7 @@ impl<'m> Batch<'m> {
             blocked: Vec::new(),
             warnings,
             manifest: None,
+            access,
             _lock: lock,
         };
         for job in &batch.plan.jobs {
@@ -222,6 +232,10 @@ impl<'m> Batch<'m> {
                 continue;
             }
             batch.owned += 1;
+            if access == Access::Memory {
+                batch.todo.push(job.index);
+                continue;
+            }
             if finished.file(&job.key(&batch.run)).is_some() {
                 batch.done += 1;
                 continue;
@@ -311,10 +325,15 @@ impl<'m> Batch<'m> {
     /// finds the disk full. A failed batch or write is reported and the run goes on.
     pub fn run(mut self, cancel: &Cancel, on_event: &mut dyn FnMut(BatchEvent)) -> Result<Summary> {
         let started = Instant::now();
-        let Some(mut manifest) = self.manifest.take() else {
-            return Err(Error::InvalidInput(
-                "a batch prepared with Access::Read cannot run".into(),
-            ));
+        // `None` keeps the images in memory (`Access::Memory`).
+        let mut manifest = match (self.manifest.take(), self.access) {
+            (Some(m), _) => Some(m),
+            (None, Access::Memory) => None,
+            (None, _) => {
+                return Err(Error::InvalidInput(
+                    "a batch prepared with Access::Read cannot run".into(),
+                ))
+            }
         };
         let batch_size = self.config.batch_size;
         let limit = self.config.max_images.unwrap_or(usize::MAX);
@@ -400,14 +419,30 @@ impl<'m> Batch<'m> {
                     );
                     let written = {
                         let _writing = cancel.writing();
-                        output::write_image(&path, image, &parameters, self.config.overwrite)
+                        match manifest.as_mut() {
+                            Some(manifest) => output::write_image(
+                                &path,
+                                image,
+                                &parameters,
+                                self.config.overwrite,
+                            )
                             .and_then(|()| manifest.append(&record))
+                            .map(|()| None),
+                            None => output::png_bytes(image, &parameters).map(Some),
+                        }
                     };
                     match written {
-                        Ok(()) => {
+                        Ok(None) => {
                             summary.made += 1;
                             on_event(BatchEvent::Written {
                                 path: &path,
+                                record: &record,
+                            });
+                        }
+                        Ok(Some(png)) => {
+                            summary.made += 1;
+                            on_event(BatchEvent::Made {
+                                png: &png,
                                 record: &record,
                             });
                         }
@@ -461,6 +496,9 @@ pub enum BatchEvent<'a> {
     Pipeline(Event),
     /// An image and its record were written.
     Written { path: &'a Path, record: &'a Record },
+    /// An image of a run kept in memory ([`Access::Memory`]): its PNG, with the `parameters`
+    /// text a written file carries, and the record a manifest would hold.
+    Made { png: &'a [u8], record: &'a Record },
     /// An item failed; the run goes on unless the error stops it ([`Stop`]).
     Failed { job: &'a Job, error: &'a Error },
 }

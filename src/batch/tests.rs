@@ -437,6 +437,7 @@ fn defaults() -> Defaults {
             size_conditioning: Default::default(),
             preview_every: None,
             text: Default::default(),
+            image: None,
         },
         repeat: 2,
     }

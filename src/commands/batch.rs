@@ -127,6 +127,8 @@ pub fn batch(args: BatchArgs) -> Result<()> {
                 progress.println(&format!("wrote {} (seed {})", path.display(), record.seed));
             }
         }
+        // Only runs prepared with Access::Memory keep images in memory; this one writes.
+        BatchEvent::Made { .. } => progress.items_done(1),
         BatchEvent::Failed { job, error } => {
             progress.items_done(1);
             progress.println(&format!(

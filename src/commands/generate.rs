@@ -1,10 +1,14 @@
 //! `latent generate`: one prompt, one or more images.
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use latent::pipeline::{check_request, load_latents, Event, GenerateRequest, Residency};
-use latent::{output, Cancel};
+use latent::pipeline::{
+    check_request, load_latents, mask_luma, read_image, Event, GenerateRequest, ImageInput,
+    Residency,
+};
+use latent::{output, Cancel, Setting};
 
 use super::{load_model, random_seed, sampling_for};
 use crate::cli::GenerateArgs;
@@ -40,8 +44,32 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
         None => None,
     };
 
+    // The pictures are read before the model: a bad file fails at once.
+    let init = match &args.init_image {
+        Some(path) => Some(read_image(path, Setting::InitImage)?),
+        None => None,
+    };
+    let mask = match &args.mask {
+        Some(path) => Some(mask_luma(&read_image(path, Setting::Mask)?)),
+        None => None,
+    };
+
     let model = load_model(&args.model, Residency::Staged, &mut progress)?;
     let mut sampling = sampling_for(&model, &args.sampling)?;
+    if let Some(image) = init {
+        // diffusers' default size: the picture's, rounded down to the VAE factor.
+        let f = model.vae_scale_factor() as u32;
+        if args.sampling.width.is_none() {
+            sampling.width = (image.width() - image.width() % f) as usize;
+        }
+        if args.sampling.height.is_none() {
+            sampling.height = (image.height() - image.height() % f) as usize;
+        }
+        let strength = args
+            .strength
+            .unwrap_or(if mask.is_some() { 1.0 } else { 0.8 });
+        sampling.image = Some(Arc::new(ImageInput::new(image, mask, strength)));
+    }
     sampling.preview_every = args.preview_every.map(|n| n as usize);
     let preview_path = preview_path(args.output.as_deref(), &paths);
     let req = GenerateRequest {
@@ -56,10 +84,7 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
     let s = &req.sampling;
     // The scheduler's own step count (PNDM runs one extra) sizes the progress bar; building it
     // also rejects --karras for schedulers without it before any work.
-    let per_batch = model
-        .scheduler(s.scheduler, s.steps, s.karras)?
-        .timesteps()
-        .len();
+    let per_batch = model.loop_steps(s)?;
     let batches = seeds.len().div_ceil(req.batch_size);
     progress.set_total_steps((per_batch * batches) as u64);
 

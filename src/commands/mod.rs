@@ -4,6 +4,7 @@ mod batch;
 mod bench;
 mod generate;
 mod info;
+mod serve;
 mod walk;
 
 use anyhow::{bail, Context, Result};
@@ -16,6 +17,7 @@ pub use batch::batch;
 pub use bench::bench;
 pub use generate::generate;
 pub use info::info;
+pub use serve::serve;
 pub use walk::walk;
 
 use crate::cli::{ModelArgs, SamplingArgs};
@@ -27,23 +29,31 @@ const MODEL_ENV: &str = "LATENT_MODEL";
 /// The model to use: `--model`, else `$LATENT_MODEL`, else the bundled demo model (compiled
 /// into the binary and extracted once to the cache folder, see `latent::demo`).
 fn model_source(args: &ModelArgs) -> Result<ModelSource> {
-    let spec = match (
-        &args.model,
-        std::env::var(MODEL_ENV).ok().filter(|s| !s.is_empty()),
-    ) {
-        (Some(m), _) => m.clone(),
-        (None, Some(env)) => env,
-        (None, None) => {
-            if args.revision.is_some() {
-                bail!("--revision only applies to hub models; the bundled demo model has none");
-            }
-            latent::demo::model_dir()
-                .context("cannot set up the bundled demo model (pass --model to use another)")?
-                .display()
-                .to_string()
-        }
-    };
+    let spec = model_spec(args)?;
     Ok(ModelSource::parse(&spec, args.revision.as_deref())?)
+}
+
+/// What names the model of `args`: `--model`, else `$LATENT_MODEL`, else the demo model's
+/// folder (extracted first).
+fn model_spec(args: &ModelArgs) -> Result<String> {
+    Ok(
+        match (
+            &args.model,
+            std::env::var(MODEL_ENV).ok().filter(|s| !s.is_empty()),
+        ) {
+            (Some(m), _) => m.clone(),
+            (None, Some(env)) => env,
+            (None, None) => {
+                if args.revision.is_some() {
+                    bail!("--revision only applies to hub models; the bundled demo model has none");
+                }
+                latent::demo::model_dir()
+                    .context("cannot set up the bundled demo model (pass --model to use another)")?
+                    .display()
+                    .to_string()
+            }
+        },
+    )
 }
 
 /// Loads the model named by `args`, reporting progress.
@@ -173,5 +183,6 @@ pub fn sampling_for(model: &StableDiffusion, s: &SamplingArgs) -> Result<Samplin
         size_conditioning: s.size_conditioning(),
         preview_every: None,
         text: s.text_options(),
+        image: None,
     })
 }

@@ -1,12 +1,13 @@
 //! The image decoder a pipeline uses: the model's own `AutoencoderKL`, or a replacement given
 //! by the user (a tiny `AutoencoderTiny` such as TAESD, or another `AutoencoderKL` such as the
-//! SDXL fp16-fix VAE), found in a folder or hub repo of its own.
+//! SDXL fp16-fix VAE), found in a folder or hub repo of its own; and its encoder, for img2img.
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
-use super::tiny_vae::{TinyVaeConfig, TinyVaeDecoder, VaeKind};
-use super::{ConfigFile, ModelFiles, VaeConfig, VaeDecoder, Weights};
+use super::tiny_vae::{TinyVaeConfig, TinyVaeDecoder, TinyVaeEncoder, VaeKind};
+use super::{ConfigFile, ModelFiles, VaeConfig, VaeDecoder, VaeEncoder, Weights};
+use crate::noise::NoiseSource;
 use crate::{Error, Result};
 
 /// A decoder's architecture.
@@ -104,6 +105,14 @@ impl AutoencoderFiles {
         self.load_from(&w)
     }
 
+    /// Loads the encoder from opened weights.
+    pub fn load_encoder_from(&self, w: &Weights) -> Result<ImageEncoder> {
+        Ok(match &self.config {
+            AutoencoderConfig::Kl(c) => ImageEncoder::Kl(Box::new(VaeEncoder::load(w, c)?)),
+            AutoencoderConfig::Tiny(c) => ImageEncoder::Tiny(Box::new(TinyVaeEncoder::load(w, c)?)),
+        })
+    }
+
     /// Loads the decoder from opened weights.
     pub fn load_from(&self, w: &Weights) -> Result<Autoencoder> {
         Ok(match &self.config {
@@ -148,5 +157,31 @@ impl Autoencoder {
             Self::Kl(d) => d.decode(latents),
             Self::Tiny(d) => d.decode(latents),
         }
+    }
+}
+
+/// A loaded encoder.
+#[derive(Debug)]
+pub enum ImageEncoder {
+    /// The KL VAE's encoder: a sample of a distribution.
+    Kl(Box<VaeEncoder>),
+    /// The tiny VAE's encoder: deterministic.
+    Tiny(Box<TinyVaeEncoder>),
+}
+
+impl ImageEncoder {
+    /// Images (b, 3, H, W) in about [-1, 1] -> latents (b, c, H/f, W/f) as the UNet loop reads
+    /// them, f32. The KL encoder draws one sample per image from `noise` (row `i` from
+    /// generator `i`); the tiny one draws nothing.
+    pub fn encode(&self, images: &Tensor, noise: &mut dyn NoiseSource) -> Result<Tensor> {
+        match self {
+            Self::Kl(e) => e.encode(images, noise),
+            Self::Tiny(e) => e.encode(images),
+        }
+    }
+
+    /// Whether encoding draws from the noise generators (diffusers' `latent_dist.sample`).
+    pub fn draws_noise(&self) -> bool {
+        matches!(self, Self::Kl(_))
     }
 }

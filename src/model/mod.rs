@@ -7,11 +7,13 @@ pub mod source;
 pub mod tiny_vae;
 pub mod unet;
 pub mod vae;
+pub mod vae_encoder;
 pub mod weights;
 
 pub use config::{ConfigFile, TextTimeConfig, UNetConfig, VaeConfig};
 pub use source::{ModelFiles, ModelSource};
-pub use tiny_vae::{TinyVaeConfig, TinyVaeDecoder, VaeKind};
+pub use tiny_vae::{TinyVaeConfig, TinyVaeDecoder, TinyVaeEncoder, VaeKind};
 pub use unet::{guidance_scale_embedding, AddedConditioning, UNet};
 pub use vae::VaeDecoder;
+pub use vae_encoder::VaeEncoder;
 pub use weights::Weights;

@@ -361,3 +361,79 @@ impl TinyVaeDecoder {
         Ok(xs.affine(2.0, -1.0)?)
     }
 }
+
+/// One encoder stage: a 3x3 convolution (stride 2 and no bias after the first stage), then
+/// residual blocks.
+#[derive(Debug)]
+struct TinyEncoderStage {
+    conv: Conv2d,
+    blocks: Vec<TinyBlock>,
+}
+
+/// The encoder of an `AutoencoderTiny` (`encoder.layers.*`, an `nn.Sequential`): images to
+/// latents directly (no distribution, so nothing random is drawn).
+#[derive(Debug)]
+pub struct TinyVaeEncoder {
+    config: TinyVaeConfig,
+    stages: Vec<TinyEncoderStage>,
+    conv_out: Conv2d,
+}
+
+impl TinyVaeEncoder {
+    /// Loads the encoder from `w` (rooted at the `AutoencoderTiny` file).
+    pub fn load(w: &Weights, config: &TinyVaeConfig) -> Result<Self> {
+        let cfg = config;
+        let layers = w.pp("encoder").pp("layers");
+        let mut index = 0;
+        let mut stages = Vec::with_capacity(cfg.num_encoder_blocks.len());
+        for (i, (&count, &width)) in cfg
+            .num_encoder_blocks
+            .iter()
+            .zip(&cfg.encoder_block_out_channels)
+            .enumerate()
+        {
+            let conv = if i == 0 {
+                conv2d(&layers.pp(index), cfg.in_channels, width, 3, 1, 1)?
+            } else {
+                conv2d_no_bias(&layers.pp(index), width, width, 3, 2, 1)?
+            };
+            index += 1;
+            let mut blocks = Vec::with_capacity(count);
+            for _ in 0..count {
+                blocks.push(TinyBlock::load(&layers.pp(index), width)?);
+                index += 1;
+            }
+            stages.push(TinyEncoderStage { conv, blocks });
+        }
+        let last = *cfg.encoder_block_out_channels.last().unwrap_or(&0);
+        let conv_out = conv2d(&layers.pp(index), last, cfg.latent_channels, 3, 1, 1)?;
+        Ok(Self {
+            config: config.clone(),
+            stages,
+            conv_out,
+        })
+    }
+
+    /// Latents as the UNet loop reads them (times the model's scaling factor, which TAESD's
+    /// own `scaling_factor` of 1 leaves as they are) of images (b, 3, H, W) in [-1, 1]. f32.
+    pub fn encode(&self, images: &Tensor) -> Result<Tensor> {
+        // TAESD reads images in [0, 1].
+        let mut xs = images.affine(0.5, 0.5)?;
+        for stage in &self.stages {
+            xs = stage.conv.forward(&xs)?;
+            for block in &stage.blocks {
+                xs = block.forward(&xs)?;
+            }
+        }
+        let z = self
+            .conv_out
+            .forward(&xs)?
+            .to_dtype(candle_core::DType::F32)?;
+        let z = if self.config.shift_factor != 0.0 {
+            (z - self.config.shift_factor)?
+        } else {
+            z
+        };
+        Ok((z * self.config.scaling_factor)?)
+    }
+}

@@ -1,4 +1,5 @@
-//! The image decoder: diffusers' `AutoencoderKL` decoder half, built from `vae/config.json`.
+//! The image decoder: diffusers' `AutoencoderKL` decoder half, built from `vae/config.json`
+//! (the encoder half is in `vae_encoder.rs`).
 use candle_core::Tensor;
 
 use super::config::VaeConfig;
@@ -9,18 +10,18 @@ use super::Weights;
 use crate::Result;
 
 /// diffusers' VAE resnets and norms use eps 1e-6.
-const VAE_EPS: f64 = 1e-6;
+pub(crate) const VAE_EPS: f64 = 1e-6;
 
 /// Single-head self-attention over the pixels of a feature map, with its group norm and
 /// residual (the VAE mid block's `Attention`).
 #[derive(Debug)]
-struct SpatialSelfAttention {
+pub(crate) struct SpatialSelfAttention {
     group_norm: GroupNorm,
     attn: MultiHeadAttention,
 }
 
 impl SpatialSelfAttention {
-    fn load(w: &Weights, channels: usize, groups: usize) -> Result<Self> {
+    pub(crate) fn load(w: &Weights, channels: usize, groups: usize) -> Result<Self> {
         Ok(Self {
             group_norm: group_norm(&w.pp("group_norm"), groups, channels, VAE_EPS)?,
             attn: MultiHeadAttention::load(w, channels, channels, 1, channels, true)?,
@@ -28,7 +29,7 @@ impl SpatialSelfAttention {
     }
 
     /// (b, c, h, w) -> (b, c, h, w).
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+    pub(crate) fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = xs.dims4()?;
         let tokens = self
             .group_norm
@@ -40,6 +41,26 @@ impl SpatialSelfAttention {
         let out = out.transpose(1, 2)?.reshape((b, c, h, w))?;
         Ok((out + xs)?)
     }
+}
+
+/// A resnet block of the VAE (no time embedding, eps 1e-6) at `w`.
+pub(crate) fn vae_resnet(
+    w: &Weights,
+    inc: usize,
+    outc: usize,
+    groups: usize,
+) -> Result<ResnetBlock> {
+    ResnetBlock::load(
+        w,
+        ResnetConfig {
+            in_channels: inc,
+            out_channels: outc,
+            temb_channels: None,
+            groups,
+            eps: VAE_EPS,
+            output_scale_factor: 1.0,
+        },
+    )
 }
 
 /// The decoder of an `AutoencoderKL` (with its `post_quant_conv`).
@@ -61,19 +82,7 @@ impl VaeDecoder {
     pub fn load(w: &Weights, config: &VaeConfig) -> Result<Self> {
         let cfg = config;
         let g = cfg.norm_num_groups;
-        let resnet = |w: &Weights, inc: usize, outc: usize| {
-            ResnetBlock::load(
-                w,
-                ResnetConfig {
-                    in_channels: inc,
-                    out_channels: outc,
-                    temb_channels: None,
-                    groups: g,
-                    eps: VAE_EPS,
-                    output_scale_factor: 1.0,
-                },
-            )
-        };
+        let resnet = |w: &Weights, inc: usize, outc: usize| vae_resnet(w, inc, outc, g);
         let d = w.pp("decoder");
         let top = *cfg.block_out_channels.last().unwrap_or(&0);
         let post_quant_conv = if cfg.use_post_quant_conv {

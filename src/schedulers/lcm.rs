@@ -47,7 +47,12 @@ pub(crate) struct Lcm {
 }
 
 impl Lcm {
-    pub(crate) fn new(config: &SchedulerConfig, num_inference_steps: usize) -> Result<Self> {
+    /// `strength` below 1 is an LCM model's img2img (the distillation schedule shortened).
+    pub(crate) fn new(
+        config: &SchedulerConfig,
+        num_inference_steps: usize,
+        strength: f64,
+    ) -> Result<Self> {
         config.require_off(
             config.thresholding,
             "thresholding",
@@ -85,15 +90,17 @@ impl Lcm {
                 format!("{original} must be between 1 and the model's {train} training timesteps"),
             ));
         }
-        // img2img: diffusers' `set_timesteps(strength=...)` shortens the distillation schedule
-        // here; `lcm_timesteps` takes the strength, text-to-image always runs the full one.
-        let strength = 1.0;
         let indices =
             lcm_timesteps(train, original, num_inference_steps, strength).map_err(|available| {
+                let strength = if strength < 1.0 {
+                    format!(" at strength {strength}")
+                } else {
+                    String::new()
+                };
                 Error::InvalidInput(format!(
                     "{num_inference_steps} steps is more than the {available} timesteps of the \
-                     LCM distillation schedule (original_inference_steps {original} in {}); use \
-                     at most {available} steps",
+                     LCM distillation schedule{strength} (original_inference_steps {original} in \
+                     {}); use at most {available} steps",
                     config.path().display()
                 ))
             })?;
@@ -350,7 +357,7 @@ mod tests {
 
     #[test]
     fn boundary_scalings_follow_the_boundary_condition() {
-        let s = super::Lcm::new(&dreamshaper(), 4).unwrap();
+        let s = super::Lcm::new(&dreamshaper(), 4, 1.0).unwrap();
         assert_eq!(s.boundary_scalings(0), (1.0, 0.0));
         let (c_skip, c_out) = s.boundary_scalings(999);
         // float32 as torch computes them: (9990²) rounds to 99800096 in float32.

@@ -233,8 +233,31 @@ pub fn build(
         SchedulerKind::DpmPp2m => {
             Box::new(dpmpp_2m::DpmPp2m::new(config, num_inference_steps, karras)?)
         }
-        SchedulerKind::Lcm => Box::new(lcm::Lcm::new(config, num_inference_steps)?),
+        SchedulerKind::Lcm => Box::new(lcm::Lcm::new(config, num_inference_steps, 1.0)?),
     })
+}
+
+/// [`build`] for an LCM model's img2img, whose strength shortens the LCM distillation schedule
+/// (diffusers' `LCMScheduler.set_timesteps(strength=...)`); other schedulers ignore it (their
+/// img2img cuts the full schedule instead).
+pub fn build_with_strength(
+    kind: SchedulerKind,
+    config: &SchedulerConfig,
+    num_inference_steps: usize,
+    karras: bool,
+    strength: f64,
+) -> Result<Box<dyn Scheduler>> {
+    match kind {
+        SchedulerKind::Lcm => {
+            build(kind, config, num_inference_steps, karras)?;
+            Ok(Box::new(lcm::Lcm::new(
+                config,
+                num_inference_steps,
+                strength,
+            )?))
+        }
+        _ => build(kind, config, num_inference_steps, karras),
+    }
 }
 
 /// Checks a loop position against the schedule length.

@@ -294,6 +294,7 @@ mod tests {
                 size_conditioning: Default::default(),
                 preview_every: None,
                 text: Default::default(),
+                image: None,
             },
             looped: false,
             ease: Ease::Linear,

@@ -51,6 +51,19 @@ pub fn max_abs(t: &Tensor) -> f32 {
         .unwrap()
 }
 
+/// Asserts `got` is within 1e-5 of `want`'s range (at least 1): f32 on both sides, differing
+/// from PyTorch in summation order only. Prints what it measured.
+pub fn assert_close(got: &Tensor, want: &Tensor, what: &str) {
+    assert_eq!(got.dims(), want.dims(), "{what}");
+    let diff = max_abs_diff(got, want);
+    let range = max_abs(want);
+    assert!(
+        diff <= 1e-5 * range.max(1.0),
+        "{what}: max |diff| {diff:e} (range {range})"
+    );
+    eprintln!("{what}: max |diff| {diff:e} (range {range})");
+}
+
 /// Runs the `latent` binary offline, without `$LATENT_MODEL`.
 pub fn latent(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_latent"))
