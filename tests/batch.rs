@@ -718,6 +718,7 @@ fn a_run_kept_in_memory_makes_the_files_a_folder_run_writes_and_touches_no_folde
         size_conditioning: Default::default(),
         preview_every: None,
         text: Default::default(),
+        image: None,
     };
     let run = |out: &str, access| {
         let prepared = Batch::prepare(

@@ -83,6 +83,7 @@ pub fn run_txt2img(
             syntax: PromptSyntax::A1111,
             clip_skip: settings.clip_skip,
         },
+        image: None,
     };
     // The checks of every batch line, here with their typed errors so the answer names the
     // field; the batch's own plan runs the same ones again.
