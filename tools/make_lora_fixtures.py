@@ -129,8 +129,9 @@ def write_sd1_peft():
             d,
             unet_lora_layers=get_peft_model_state_dict(p.unet),
             text_encoder_lora_layers=get_peft_model_state_dict(p.text_encoder),
-            unet_lora_adapter_metadata=unet_cfg.to_dict(),
-            text_encoder_lora_adapter_metadata=te_cfg.to_dict(),
+            # The local path PEFT records is of no use in a shared file.
+            unet_lora_adapter_metadata={**unet_cfg.to_dict(), "base_model_name_or_path": None},
+            text_encoder_lora_adapter_metadata={**te_cfg.to_dict(), "base_model_name_or_path": None},
             weight_name="peft-style.safetensors",
         )
         data = (Path(d) / "peft-style.safetensors").read_bytes()

@@ -330,3 +330,72 @@ impl Active {
         Ok(changed)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs_read_file_weight_and_names_in_the_folder() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        std::fs::create_dir(d.join("styles")).unwrap();
+        let ink = d.join("styles").join("ink.safetensors");
+        std::fs::write(&ink, b"").unwrap();
+        let file = ink.display().to_string();
+        assert_eq!(
+            LoraSpec::parse(&format!("{file}:0.5"), None).unwrap(),
+            LoraSpec::new(&ink, 0.5)
+        );
+        assert_eq!(
+            LoraSpec::parse(&file, None).unwrap(),
+            LoraSpec::new(&ink, 1.0)
+        );
+        // A bare name is found in the folder or below it.
+        assert_eq!(
+            LoraSpec::parse("ink:-0.25", Some(d)).unwrap(),
+            LoraSpec::new(&ink, -0.25)
+        );
+        for (spec, words) in [
+            ("missing.safetensors:1", "no such file"),
+            ("ink:nan", "finite"),
+            ("", "names no file"),
+        ] {
+            let e = LoraSpec::parse(spec, Some(d)).unwrap_err().to_string();
+            assert!(e.contains(words), "{spec}: {e}");
+        }
+        let e = find(d, "nope").unwrap_err().to_string();
+        assert!(e.contains("nope.safetensors is not in"), "{e}");
+        let e = find(d, "../ink").unwrap_err().to_string();
+        assert!(e.contains("not a path"), "{e}");
+    }
+
+    #[test]
+    fn tags_override_the_base_set_and_the_set_is_sorted() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        for n in ["a", "b"] {
+            std::fs::write(d.join(format!("{n}.safetensors")), b"").unwrap();
+        }
+        let base = [LoraSpec::new(d.join("b.safetensors"), 1.0)];
+        let (text, specs) = for_prompt("x <lora:b:0.5><lora:a:2:0.1>", Some(d), &base).unwrap();
+        assert_eq!(text, "x ");
+        assert_eq!(
+            specs,
+            [
+                LoraSpec {
+                    path: d.join("a.safetensors"),
+                    weight: 2.0,
+                    unet_weight: Some(0.1)
+                },
+                LoraSpec::new(d.join("b.safetensors"), 0.5)
+            ]
+        );
+        let (_, specs) = for_prompt("x", Some(d), &base).unwrap();
+        assert_eq!(specs, base);
+        let e = for_prompt("<lora:a>", None, &[]).unwrap_err().to_string();
+        assert!(e.contains("no LoRA folder"), "{e}");
+        assert!(same_tags("<lora:a:1><lora:b>", "x<lora:b:1> <lora:a>"));
+        assert!(!same_tags("<lora:a:1>", "<lora:a:0.5>"));
+    }
+}
