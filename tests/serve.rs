@@ -505,7 +505,9 @@ fn bad_requests_get_422_naming_the_field_and_the_server_goes_on() {
         assert_eq!(answer["detail"][0]["loc"][0], "body");
     }
     let (status, answer) = server.post("/sdapi/v1/img2img", r#"{"init_images": ["abc"]}"#);
-    assert_eq!(status, 501, "{answer}");
+    assert_eq!(status, 422, "{answer}");
+    assert_eq!(answer["detail"][0]["loc"][1], "init_images", "{answer}");
+    assert_eq!(answer["detail"][1]["loc"][1], "prompt", "{answer}");
     let (status, _) = server.get("/sdapi/v1/nothing-here");
     assert_eq!(status, 404);
     let (status, _) =
