@@ -57,18 +57,14 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
     let model = load_model(&args.model, Residency::Staged, &mut progress)?;
     let mut sampling = sampling_for(&model, &args.sampling)?;
     if let Some(image) = init {
-        // diffusers' default size: the picture's, rounded down to the VAE factor.
-        let f = model.vae_scale_factor() as u32;
-        if args.sampling.width.is_none() {
-            sampling.width = (image.width() - image.width() % f) as usize;
-        }
-        if args.sampling.height.is_none() {
-            sampling.height = (image.height() - image.height() % f) as usize;
-        }
         let strength = args
             .strength
             .unwrap_or(if mask.is_some() { 1.0 } else { 0.8 });
-        sampling.image = Some(Arc::new(ImageInput::new(image, mask, strength)));
+        let input = ImageInput::new(image, mask, strength);
+        let (w, h) = model.default_size_for(Some(&input));
+        sampling.width = args.sampling.width.unwrap_or(w);
+        sampling.height = args.sampling.height.unwrap_or(h);
+        sampling.image = Some(Arc::new(input));
     }
     sampling.preview_every = args.preview_every.map(|n| n as usize);
     let preview_path = preview_path(args.output.as_deref(), &paths);

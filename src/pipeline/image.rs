@@ -134,6 +134,8 @@ pub fn mask_luma(rgb: &RgbImage) -> GrayImage {
 pub(crate) struct Inpaint {
     /// (b, 1, h, w): 1 where the picture is redrawn.
     mask: Tensor,
+    /// 1 - `mask`: where the picture is kept.
+    keep: Tensor,
     /// Legacy (4-channel) inpainting: the encoded image and the noise it is re-noised with.
     blend: Option<(Tensor, Tensor)>,
     /// 9-channel UNets: the mask and the encoded masked image, (b, 1 + c, h, w), appended to
@@ -167,8 +169,7 @@ impl Inpaint {
         } else {
             image_latents.clone()
         };
-        let keep = self.mask.affine(-1.0, 1.0)?;
-        Ok((proper.broadcast_mul(&keep)? + latents.broadcast_mul(&self.mask)?)?)
+        Ok((proper.broadcast_mul(&self.keep)? + latents.broadcast_mul(&self.mask)?)?)
     }
 }
 
@@ -222,6 +223,20 @@ fn mask_latents(mask: &Tensor, f: usize) -> Result<Tensor> {
 }
 
 impl StableDiffusion {
+    /// The size a run takes when none is given: the init image's, rounded down to the VAE
+    /// factor (diffusers' default), else the model's native size.
+    pub fn default_size_for(&self, image: Option<&ImageInput>) -> (usize, usize) {
+        match image {
+            Some(input) => {
+                let f = self.vae_scale_factor();
+                let (w, h) = input.image.dimensions();
+                let round = |v: u32| v as usize - v as usize % f;
+                (round(w), round(h))
+            }
+            None => (self.default_size(), self.default_size()),
+        }
+    }
+
     /// Whether the UNet is an inpainting UNet (reads a mask and a masked image beside the
     /// latents: 9 input channels for a 4-channel VAE).
     pub fn is_inpainting_model(&self) -> bool {
@@ -387,9 +402,11 @@ impl StableDiffusion {
         let masked = image.broadcast_mul(&mask.affine(-1.0, 1.0)?)?;
         let masked_latents = encode(&masked, noise)?;
         let mask_small = mask_latents(&mask, f)?.repeat((b, 1, 1, 1))?;
+        let keep = mask_small.affine(-1.0, 1.0)?;
         let inpaint = if legacy {
             Inpaint {
                 mask: mask_small,
+                keep,
                 blend: image_latents.map(|l| (l, fresh)),
                 unet_extra: None,
             }
@@ -397,6 +414,7 @@ impl StableDiffusion {
             let extra = Tensor::cat(&[&mask_small, &masked_latents], 1)?;
             Inpaint {
                 mask: mask_small,
+                keep,
                 blend: None,
                 unet_extra: Some(extra.to_dtype(DType::F32)?),
             }

@@ -74,15 +74,7 @@ pub fn run_txt2img(
             }
         },
     };
-    // img2img without a size takes the picture's, rounded down to the VAE factor.
-    let f = model.vae_scale_factor() as u32;
-    let (default_w, default_h) = match &req.image {
-        Some(input) => {
-            let (w, h) = input.image().dimensions();
-            ((w - w % f) as usize, (h - h % f) as usize)
-        }
-        None => (model.default_size(), model.default_size()),
-    };
+    let (default_w, default_h) = model.default_size_for(req.image.as_deref());
     let sampling = Sampling {
         width: req.width.unwrap_or(default_w),
         height: req.height.unwrap_or(default_h),
