@@ -49,6 +49,16 @@ pub struct ModelArgs {
     /// Hub revision (branch, tag or commit) for a hub model.
     #[arg(long)]
     pub revision: Option<String>,
+    /// What a single-file checkpoint is: sd1, sd2, sd2-v, sdxl or sdxl-v. Needed for an SD 2.x
+    /// file that does not say whether it predicts noise (2.x-base, 512 px) or v (2.1, 768
+    /// px); otherwise the family comes from the file's tensor names.
+    #[arg(long, value_name = "TYPE")]
+    pub model_type: Option<String>,
+    /// A diffusers folder or hub repo whose configs and tokenizers describe a single-file
+    /// checkpoint, instead of the ones latent infers from its tensors (as diffusers'
+    /// from_single_file(config=...)): for checkpoints of unusual shapes.
+    #[arg(long, value_name = "PATH_OR_REPO")]
+    pub model_config: Option<String>,
     /// Device: auto, cpu, cuda, cuda:N or metal.
     #[arg(long, default_value = "auto")]
     pub device: DeviceSpec,
@@ -476,6 +486,8 @@ pub fn flag(setting: Setting) -> &'static str {
         Setting::Mask => "--mask",
         Setting::Lora => "--lora",
         Setting::LoraDir => "--lora-dir",
+        Setting::ModelType => "--model-type",
+        Setting::ModelConfig => "--model-config",
         _ => "an option",
     }
 }

@@ -159,6 +159,10 @@ pub enum Setting {
     Lora,
     /// The folder `<lora:NAME>` tags are looked up in.
     LoraDir,
+    /// What a single-file checkpoint is (family and prediction type).
+    ModelType,
+    /// A diffusers folder whose configs describe a single-file checkpoint.
+    ModelConfig,
 }
 
 impl Setting {
@@ -200,6 +204,8 @@ impl Setting {
             Setting::Mask => "mask",
             Setting::Lora => "lora",
             Setting::LoraDir => "lora_dir",
+            Setting::ModelType => "model_type",
+            Setting::ModelConfig => "model_config",
         }
     }
 }

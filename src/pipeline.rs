@@ -8,8 +8,9 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::model::autoencoder::{Autoencoder, AutoencoderConfig, AutoencoderFiles, ImageEncoder};
 use crate::model::config::TIME_IDS;
+use crate::model::weights::WeightsPath;
 use crate::model::{
-    guidance_scale_embedding, AddedConditioning, ConfigFile, ModelFiles, UNet, UNetConfig, Weights,
+    guidance_scale_embedding, AddedConditioning, ModelFiles, UNet, UNetConfig, Weights,
 };
 use crate::noise::{NoiseSource, RngKind};
 use crate::preview::{latents_to_rgb, PreviewImage, PreviewMap};
@@ -24,8 +25,8 @@ pub use crate::model::family::Family;
 
 mod image;
 mod loras;
+mod parts;
 mod prompts;
-use crate::model::family::PIPELINE_CLASSES;
 pub use image::{decode_image, mask_luma, read_image, ImageInput};
 pub use loras::LoraSettings;
 
@@ -141,7 +142,7 @@ impl Loaded {
 struct TextEncoderFiles {
     tokenizer: ClipTokenizer,
     config: ClipTextConfig,
-    path: PathBuf,
+    path: WeightsPath,
     output: ClipOutput,
     projection: bool,
 }
@@ -151,12 +152,14 @@ struct TextEncoderFiles {
 /// Components are in memory according to its [`Residency`].
 pub struct StableDiffusion {
     name: String,
+    /// For a single-file checkpoint: what it was read as, and how that was decided.
+    detected: Option<String>,
     family: Family,
     text: Vec<TextEncoderFiles>,
     /// SDXL's `force_zeros_for_empty_prompt`: an empty negative prompt is all zeros.
     force_zeros_for_empty_prompt: bool,
     unet_config: UNetConfig,
-    unet_path: PathBuf,
+    unet_path: WeightsPath,
     /// The decoder: the model's VAE, or the one given in [`LoadOptions::vae`].
     vae: AutoencoderFiles,
     /// Name of a replacement VAE (folder name or repo id), recorded in image metadata.
@@ -187,33 +190,6 @@ pub struct StableDiffusion {
 /// Characters of dropped prompt text a truncation warning shows: enough to recognise the
 /// cut, never a whole pasted megabyte.
 const DROPPED_SHOWN: usize = 60;
-
-/// Files of a tokenizer folder (a tokenizer.json, or vocab.json + merges.txt, plus configs).
-const TOKENIZER_FILES: &[&str] = &[
-    "tokenizer.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-];
-
-/// Loads the tokenizer in the model's `folder` (fetching its files from the hub if needed).
-fn load_tokenizer(files: &ModelFiles, folder: &str) -> Result<ClipTokenizer> {
-    let mut dir = None;
-    for f in TOKENIZER_FILES {
-        let rel = format!("{folder}/{f}");
-        if files.has(&rel) {
-            let path = files.get(&rel)?;
-            dir = path.parent().map(Path::to_path_buf);
-        }
-    }
-    let dir = match dir {
-        Some(d) => d,
-        // Nothing there: let the error name the file a CLIP tokenizer needs.
-        None => files.get(&format!("{folder}/vocab.json"))?,
-    };
-    ClipTokenizer::from_dir(&dir)
-}
 
 impl StableDiffusion {
     /// Loads every component of the model in `files` onto `device` in `dtype`, to stay in
@@ -255,19 +231,6 @@ impl StableDiffusion {
     ) -> Result<Self> {
         let residency = options.residency;
         let started = Instant::now();
-        let index = ConfigFile::open(&files.get("model_index.json")?)?;
-        let class: String = index.req("_class_name")?;
-        let family = Family::from_pipeline_class(&class).ok_or_else(|| {
-            index.error(
-                "_class_name",
-                format!(
-                    "{class} is not supported (latent runs {})",
-                    PIPELINE_CLASSES.join(", ")
-                ),
-            )
-        })?;
-        let force_zeros_for_empty_prompt = family == Family::StableDiffusionXl
-            && index.opt("force_zeros_for_empty_prompt", true)?;
         let prefer_fp16 = dtype == DType::F16;
         let act_dtype = if device.is_cpu() && dtype == DType::BF16 {
             DType::F32
@@ -277,54 +240,43 @@ impl StableDiffusion {
         if let Some(advice) = crate::device::dtype_advice(device, dtype) {
             on_event(Event::Warning(advice));
         }
-
         on_event(Event::Loading {
             component: "tokenizer",
         });
-        let mut text = Vec::new();
-        for &(folder, tokenizer_folder, output, projection) in family.encoders() {
-            let config_rel = format!("{folder}/config.json");
-            if !files.has(&config_rel) {
-                return Err(Error::MissingFile {
-                    path: files.display_path(&config_rel),
-                    hint: format!(" ({class} needs the text encoder `{folder}`)"),
-                });
-            }
-            let config = ClipTextConfig::from_file(&files.get(&config_rel)?)?;
-            let tokenizer = load_tokenizer(files, tokenizer_folder)?;
-            if tokenizer.max_length() > config.max_position_embeddings {
-                return Err(Error::config(
-                    files.get(&format!("{tokenizer_folder}/tokenizer_config.json"))?,
-                    "model_max_length",
-                    format!(
-                        "is {}, but {folder} has only {} positions",
-                        tokenizer.max_length(),
-                        config.max_position_embeddings
-                    ),
-                ));
-            }
-            if let Some(id) = tokenizer.largest_id() {
-                if id as usize >= config.vocab_size {
-                    return Err(Error::config(
-                        files.get(&config_rel)?,
-                        "vocab_size",
+        let parts = match files.single_file() {
+            Some(path) => parts::from_single_file(path, options, prefer_fp16)?,
+            None => {
+                if options.model_config.is_some() || options.model_type.is_some() {
+                    return Err(Error::setting(
+                        if options.model_type.is_some() {
+                            Setting::ModelType
+                        } else {
+                            Setting::ModelConfig
+                        },
+                        "",
                         format!(
-                            "is {}, but {tokenizer_folder} produces ids up to {id}: the tokenizer \
-                             does not belong to this text encoder",
-                            config.vocab_size
+                            "only applies to single-file checkpoints; {} is a diffusers model \
+                             with configs of its own",
+                            files.name()
                         ),
                     ));
                 }
+                parts::from_folder(files, options, prefer_fp16)?
             }
-            let path = files.weights(folder, "model", prefer_fp16)?;
-            text.push(TextEncoderFiles {
-                tokenizer,
-                config,
-                path,
-                output,
-                projection,
-            });
-        }
+        };
+        let parts::ModelParts {
+            family,
+            force_zeros_for_empty_prompt,
+            text,
+            unet_config,
+            unet_config_path,
+            unet_path,
+            vae,
+            own_vae,
+            scheduler_config,
+            scheduler_path,
+            detected,
+        } = parts;
         if text
             .windows(2)
             .any(|w| w[0].tokenizer.max_length() != w[1].tokenizer.max_length())
@@ -334,17 +286,8 @@ impl StableDiffusion {
                 files.name()
             )));
         }
-        let unet_config_path = files.get("unet/config.json")?;
-        let unet_config = UNetConfig::from_file(&unet_config_path)?;
-        let unet_path = files.weights("unet", "diffusion_pytorch_model", prefer_fp16)?;
-        let vae = match options.vae {
-            Some(vae_files) => AutoencoderFiles::open_standalone(vae_files, prefer_fp16)?,
-            None => AutoencoderFiles::open(files, "vae", prefer_fp16)?,
-        };
-        let scheduler_path = files.get("scheduler/scheduler_config.json")?;
-        let scheduler_config = SchedulerConfig::from_file(&scheduler_path)?;
         check_unet_fits_encoders(&unet_config_path, &unet_config, family, &text)?;
-        check_vae_fits(&vae, &unet_config, files, options.vae.is_some())?;
+        check_vae_fits(&vae, &unet_config, files.name(), own_vae.as_ref())?;
         // diffusers' SDXL pipeline decodes in f32 when the VAE is f16 and says `force_upcast`
         // (the stock SDXL VAE overflows in f16). bf16 has f32's exponent range, so it cannot
         // overflow there, and diffusers does not upcast it either.
@@ -367,6 +310,7 @@ impl StableDiffusion {
         }
         let model = Self {
             name: files.name().to_string(),
+            detected,
             family,
             text,
             force_zeros_for_empty_prompt,
@@ -404,7 +348,7 @@ impl StableDiffusion {
                 // header is read (its tensors are checked when its stage starts, seconds
                 // later), the VAE is loaded and checked against its config, then dropped for
                 // the text encoder, which the first stage needs.
-                Weights::open(&model.unet_path, device, dtype)?;
+                Weights::open_at(&model.unet_path, device, dtype)?;
                 model.ensure_loaded(Stage::Decode, on_event)?;
                 model.ensure_loaded(Stage::TextEncode, on_event)?;
             }
@@ -449,7 +393,7 @@ impl StableDiffusion {
                     .iter()
                     .enumerate()
                     .map(|(i, t)| {
-                        let w = Weights::open(&t.path, &self.device, self.act_dtype)?
+                        let w = Weights::open_at(&t.path, &self.device, self.act_dtype)?
                             .with_patches(loaded.lora.text_patches(i));
                         ClipTextModel::load_with(&w, &t.config, t.projection)
                     })
@@ -457,12 +401,12 @@ impl StableDiffusion {
                 loaded.text_encoder = Some(Arc::new(encoders));
             }
             Stage::Denoise => {
-                let w = Weights::open(&self.unet_path, &self.device, self.dtype)?
+                let w = Weights::open_at(&self.unet_path, &self.device, self.dtype)?
                     .with_patches(loaded.lora.unet_patches());
                 loaded.unet = Some(Arc::new(UNet::load(&w, &self.unet_config)?));
             }
             Stage::Decode => {
-                let w = Weights::open(&self.vae.weights, &self.device, self.vae_dtype)?;
+                let w = Weights::open_at(&self.vae.weights, &self.device, self.vae_dtype)?;
                 let decoder = self.vae.load_from(&w)?;
                 loaded.vae = Some(Arc::new(Vae {
                     decoder,
@@ -517,6 +461,12 @@ impl StableDiffusion {
     /// Model name recorded in image metadata.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// For a single-file checkpoint, what it was read as and how that was decided (e.g. "SD
+    /// 2.x checkpoint, v-prediction (its modelspec metadata)").
+    pub fn detected(&self) -> Option<&str> {
+        self.detected.as_deref()
     }
 
     /// The scheduler named by the model's `scheduler_config.json` (an error when latent does
@@ -1407,8 +1357,8 @@ fn check_unet_fits_encoders(
 fn check_vae_fits(
     vae: &AutoencoderFiles,
     unet: &UNetConfig,
-    files: &ModelFiles,
-    replacement: bool,
+    name: &str,
+    own: Option<&AutoencoderConfig>,
 ) -> Result<()> {
     let channels = vae.config.latent_channels();
     if channels != unet.out_channels {
@@ -1416,9 +1366,8 @@ fn check_vae_fits(
             &vae.config_path,
             "latent_channels",
             format!(
-                "is {channels}, but the UNet of {} works on {} channels: this {} belongs to \
+                "is {channels}, but the UNet of {name} works on {} channels: this {} belongs to \
                  another model family",
-                files.name(),
                 unet.out_channels,
                 vae.config.class_name()
             ),
@@ -1427,15 +1376,13 @@ fn check_vae_fits(
     // The latents, or (inpainting UNets) the latents, the mask and the masked image's latents.
     if unet.in_channels != channels && unet.in_channels != 2 * channels + 1 {
         return Err(Error::InvalidInput(format!(
-            "{}: the UNet reads {} channels, but its VAE gives {channels} (an inpainting UNet \
+            "{name}: the UNet reads {} channels, but its VAE gives {channels} (an inpainting UNet \
              reads {})",
-            files.name(),
             unet.in_channels,
             2 * channels + 1
         )));
     }
-    if replacement && files.has("vae/config.json") {
-        let own = AutoencoderFiles::open_config_only(files, "vae")?;
+    if let Some(own) = own {
         if own.scale_factor() != vae.config.scale_factor() {
             return Err(Error::config(
                 &vae.config_path,
@@ -1463,6 +1410,12 @@ pub struct LoadOptions<'a> {
     /// The LoRA folder for `<lora:NAME>` tags and the LoRAs every prompt gets (checked at
     /// load, merged as the components load).
     pub lora: LoraSettings,
+    /// What a single-file checkpoint is, when its file does not say (SD 2.x's prediction
+    /// type) or to override what detection found.
+    pub model_type: Option<crate::model::single_file::ModelType>,
+    /// A diffusers folder or repo whose configs and tokenizers describe a single-file
+    /// checkpoint (diffusers' `from_single_file(config=...)`), instead of the inferred ones.
+    pub model_config: Option<&'a ModelFiles>,
 }
 
 /// Unreachable: a getter loads its component under the same lock it reads it with.

@@ -5,7 +5,7 @@
 //! truncated to bos + 75 tokens + eos, and the text lost to truncation for a warning.
 //! [`ClipTextModel`] is transformers' `CLIPTextModel` up to `last_hidden_state`, driven by
 //! `text_encoder/config.json` (any size, `quick_gelu` or exact `gelu`).
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Module, Tensor};
 use candle_nn::Embedding;
@@ -104,8 +104,56 @@ impl ClipTokenizer {
                     .into(),
             });
         }
+        let json_path = dir.join("tokenizer.json");
+        let bpe = if json_path.is_file() {
+            BpeSource::Json(json_path)
+        } else {
+            const HINT: &str =
+                " (the tokenizer folder needs tokenizer.json, or vocab.json and merges.txt)";
+            let vocab_path = dir.join("vocab.json");
+            let merges_path = dir.join("merges.txt");
+            BpeSource::Texts {
+                vocab: required_file(&vocab_path, HINT)?,
+                merges: required_file(&merges_path, HINT)?,
+                vocab_path,
+                merges_path,
+            }
+        };
+        Self::build(dir, (&config_path, config), (&map_path, map), bpe)
+    }
+
+    /// CLIP's tokenizer as Stable Diffusion's checkpoints use it, from the vocabulary and
+    /// merges compiled into the binary (every SD text encoder shares them): 77 ids a prompt,
+    /// padded with `pad` (`<|endoftext|>` for OpenAI's CLIP, `!` for OpenCLIP's).
+    pub fn builtin(pad: &str) -> Result<Self> {
+        let file = |name: &str| {
+            crate::demo::FILES
+                .iter()
+                .find(|(path, _)| *path == name)
+                .map(|(_, bytes)| String::from_utf8_lossy(bytes).into_owned())
+                .unwrap_or_default()
+        };
+        let label = Path::new("<built-in CLIP tokenizer>");
+        let config = serde_json::json!({ "model_max_length": 77, "pad_token": pad });
+        let bpe = BpeSource::Texts {
+            vocab: file("tokenizer/vocab.json"),
+            merges: file("tokenizer/merges.txt"),
+            vocab_path: label.join("vocab.json"),
+            merges_path: label.join("merges.txt"),
+        };
+        Self::build(label, (label, Some(config)), (label, None), bpe)
+    }
+
+    /// The tokenizer from its two config files' contents (`tokenizer_config.json` then
+    /// `special_tokens_map.json`, each with the path its messages name) and its BPE.
+    fn build(
+        dir: &Path,
+        (config_path, config): (&Path, Option<Value>),
+        (map_path, map): (&Path, Option<Value>),
+        bpe: BpeSource,
+    ) -> Result<Self> {
         let special = |key: &str, default: &str| -> Result<SpecialToken> {
-            for (path, json) in [(&config_path, &config), (&map_path, &map)] {
+            for (path, json) in [(config_path, &config), (map_path, &map)] {
                 if let Some(v) = json.as_ref().and_then(|j| j.get(key)) {
                     if !v.is_null() {
                         return special_token(path, key, v);
@@ -124,20 +172,28 @@ impl ClipTokenizer {
                 .filter(|&n| (2..=1 << 20).contains(&n))
                 .ok_or_else(|| {
                     Error::config(
-                        &config_path,
+                        config_path,
                         "model_max_length",
                         format!("expected an integer between 2 and 2^20, found {v}"),
                     )
                 })? as usize,
-            None => return Err(Error::config(&config_path, "model_max_length", "missing")),
+            None => return Err(Error::config(config_path, "model_max_length", "missing")),
         };
 
-        let json_path = dir.join("tokenizer.json");
-        let mut tokenizer = if json_path.is_file() {
-            Tokenizer::from_file(&json_path)
-                .map_err(|e| Error::Tokenizer(format!("{}: {e}", json_path.display())))?
-        } else {
-            build_clip_tokenizer(dir, &bos, &eos, &unk)?
+        let mut tokenizer = match bpe {
+            BpeSource::Json(json_path) => Tokenizer::from_file(&json_path)
+                .map_err(|e| Error::Tokenizer(format!("{}: {e}", json_path.display())))?,
+            BpeSource::Texts {
+                vocab,
+                merges,
+                vocab_path,
+                merges_path,
+            } => build_clip_tokenizer(
+                dir,
+                (&vocab_path, &vocab),
+                (&merges_path, &merges),
+                [&bos, &eos, &unk],
+            )?,
         };
         // Padding and truncation are done in `encode`, whatever the file says.
         tokenizer.with_padding(None);
@@ -236,6 +292,19 @@ impl ClipTokenizer {
     }
 }
 
+/// Where a tokenizer's BPE comes from.
+enum BpeSource {
+    /// A `tokenizer.json`.
+    Json(PathBuf),
+    /// The texts of `vocab.json` and `merges.txt`, with the paths messages name.
+    Texts {
+        vocab: String,
+        merges: String,
+        vocab_path: PathBuf,
+        merges_path: PathBuf,
+    },
+}
+
 /// Reads `path` as JSON if it exists.
 fn read_optional_json(path: &Path) -> Result<Option<Value>> {
     match std::fs::read_to_string(path) {
@@ -289,18 +358,13 @@ fn required_file(path: &Path, hint: &str) -> Result<String> {
 /// characters; BPE with `</w>` marking word ends; bos ... eos around every prompt.
 fn build_clip_tokenizer(
     dir: &Path,
-    bos: &SpecialToken,
-    eos: &SpecialToken,
-    unk: &SpecialToken,
+    (vocab_path, vocab_text): (&Path, &str),
+    (merges_path, merges_text): (&Path, &str),
+    [bos, eos, unk]: [&SpecialToken; 3],
 ) -> Result<Tokenizer> {
-    const HINT: &str = " (the tokenizer folder needs tokenizer.json, or vocab.json and merges.txt)";
-    let vocab_path = dir.join("vocab.json");
-    let merges_path = dir.join("merges.txt");
-    let vocab_text = required_file(&vocab_path, HINT)?;
-    let merges_text = required_file(&merges_path, HINT)?;
     let vocab: std::collections::HashMap<String, u32> =
-        serde_json::from_str(&vocab_text).map_err(|e| Error::Json {
-            path: vocab_path.clone(),
+        serde_json::from_str(vocab_text).map_err(|e| Error::Json {
+            path: vocab_path.to_path_buf(),
             message: e.to_string(),
         })?;
     let mut merges = Vec::new();
@@ -414,7 +478,11 @@ pub struct ClipTextConfig {
 impl ClipTextConfig {
     /// Reads `path` (a `text_encoder/config.json`).
     pub fn from_file(path: &Path) -> Result<Self> {
-        let f = ConfigFile::open(path)?;
+        Self::from_config(&ConfigFile::open(path)?)
+    }
+
+    /// The config in `f`.
+    pub fn from_config(f: &ConfigFile) -> Result<Self> {
         let positive = |key: &str| -> Result<usize> {
             let n: usize = f.req(key)?;
             if n == 0 {

@@ -154,7 +154,7 @@ fn img2img_with_the_tiny_vae_matches_diffusers() {
     let options = LoadOptions {
         residency: Residency::Resident,
         vae: Some(&vae),
-        lora: Default::default(),
+        ..LoadOptions::default()
     };
     let model = StableDiffusion::load_opts(
         &files("tiny-sd1"),

@@ -9,6 +9,7 @@ mod walk;
 
 use anyhow::{bail, Context, Result};
 use latent::lora::LoraSpec;
+use latent::model::single_file::ModelType;
 use latent::model::ModelSource;
 use latent::pipeline::{LoadOptions, LoraSettings, Residency, Sampling, StableDiffusion};
 use latent::Cancel;
@@ -77,14 +78,32 @@ pub fn load_model(
         ),
         None => None,
     };
+    let model_config = match &args.model_config {
+        Some(spec) => Some(
+            ModelSource::parse(spec, None)?
+                .open()
+                .with_context(|| format!("--model-config {spec}"))?,
+        ),
+        None => None,
+    };
+    let model_type = args
+        .model_type
+        .as_deref()
+        .map(str::parse::<ModelType>)
+        .transpose()?;
     let lora = lora_settings(args)?;
     let options = LoadOptions {
         residency,
         vae: vae.as_ref(),
         lora: lora.clone(),
+        model_type,
+        model_config: model_config.as_ref(),
     };
     let mut model =
         StableDiffusion::load_opts(&files, &device, dtype, &options, &mut |e| progress.event(e))?;
+    if let Some(detected) = model.detected() {
+        progress.println(&format!("{}: {detected}", model.name()));
+    }
     if !lora.base.is_empty() {
         let names: Vec<String> = lora
             .base

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 
 use super::tiny_vae::{TinyVaeConfig, TinyVaeDecoder, TinyVaeEncoder, VaeKind};
+use super::weights::WeightsPath;
 use super::{ConfigFile, ModelFiles, VaeConfig, VaeDecoder, VaeEncoder, Weights};
 use crate::noise::NoiseSource;
 use crate::{Error, Result};
@@ -61,7 +62,7 @@ pub struct AutoencoderFiles {
     /// Its `config.json`, for messages.
     pub config_path: PathBuf,
     /// Its weights.
-    pub weights: PathBuf,
+    pub weights: WeightsPath,
 }
 
 impl AutoencoderFiles {
@@ -72,7 +73,18 @@ impl AutoencoderFiles {
         Ok(Self {
             config: read_config(&config_path)?,
             config_path,
-            weights: files.weights(folder, "diffusion_pytorch_model", prefer_fp16)?,
+            weights: files
+                .weights(folder, "diffusion_pytorch_model", prefer_fp16)?
+                .into(),
+        })
+    }
+
+    /// A VAE whose config is already read (a single file's, inferred) and its weights.
+    pub fn from_config(config: ConfigFile, weights: WeightsPath) -> Result<Self> {
+        Ok(Self {
+            config: parse_config(&config)?,
+            config_path: config.path().to_path_buf(),
+            weights,
         })
     }
 
@@ -101,7 +113,7 @@ impl AutoencoderFiles {
 
     /// Loads the decoder in `dtype` on `device`.
     pub fn load(&self, device: &Device, dtype: DType) -> Result<Autoencoder> {
-        let w = Weights::open(&self.weights, device, dtype)?;
+        let w = Weights::open_at(&self.weights, device, dtype)?;
         self.load_from(&w)
     }
 
@@ -133,10 +145,14 @@ fn in_folder(folder: &str, name: &str) -> String {
 
 /// A VAE `config.json` of either class.
 fn read_config(path: &Path) -> Result<AutoencoderConfig> {
-    let file = ConfigFile::open(path)?;
-    Ok(match VaeKind::from_config(&file)? {
-        VaeKind::Kl => AutoencoderConfig::Kl(VaeConfig::from_config(&file)?),
-        VaeKind::Tiny => AutoencoderConfig::Tiny(TinyVaeConfig::from_config(&file)?),
+    parse_config(&ConfigFile::open(path)?)
+}
+
+/// A VAE config of either class.
+fn parse_config(file: &ConfigFile) -> Result<AutoencoderConfig> {
+    Ok(match VaeKind::from_config(file)? {
+        VaeKind::Kl => AutoencoderConfig::Kl(VaeConfig::from_config(file)?),
+        VaeKind::Tiny => AutoencoderConfig::Tiny(TinyVaeConfig::from_config(file)?),
     })
 }
 

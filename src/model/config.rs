@@ -19,6 +19,11 @@ pub struct ConfigFile {
 }
 
 impl ConfigFile {
+    /// A config made in memory (a single-file checkpoint's); `path` is what messages name.
+    pub fn from_map(path: PathBuf, map: Map<String, Value>) -> Self {
+        Self { path, map }
+    }
+
     /// Reads and parses `path` as a JSON object.
     pub fn open(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| {

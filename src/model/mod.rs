@@ -3,6 +3,7 @@ pub mod autoencoder;
 pub mod config;
 pub mod family;
 pub mod layers;
+pub mod single_file;
 pub mod source;
 pub mod tiny_vae;
 pub mod unet;

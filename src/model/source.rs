@@ -4,7 +4,7 @@
 //! else `~/.cache/huggingface/hub`), so they are shared with Python tools. `HF_HUB_OFFLINE=1`
 //! uses only what the cache holds; `HF_TOKEN` (or the cache's token file) authenticates.
 use std::collections::HashSet;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use hf_hub::{Cache, Repo, RepoType};
 
@@ -15,6 +15,9 @@ use crate::{Error, Result, Setting};
 pub enum ModelSource {
     /// A folder in diffusers layout.
     Local(PathBuf),
+    /// A single `.safetensors` file: a checkpoint in the original layout (or, given as a
+    /// VAE, a VAE file).
+    SingleFile(PathBuf),
     /// A hub repo id (`owner/name`) at a revision.
     Hub { repo_id: String, revision: String },
 }
@@ -53,13 +56,6 @@ impl ModelSource {
     ) -> Result<Self> {
         let path = expand_home(spec);
         if path.exists() {
-            if !path.is_dir() {
-                return Err(Error::setting(
-                    setting,
-                    spec,
-                    format!("expected a folder in diffusers layout ({layout}), found a file"),
-                ));
-            }
             if revision.is_some() {
                 return Err(Error::setting(
                     Setting::Revision,
@@ -67,7 +63,10 @@ impl ModelSource {
                     "only applies to hub models, not local folders",
                 ));
             }
-            return Ok(Self::Local(path));
+            if path.is_dir() {
+                return Ok(Self::Local(path));
+            }
+            return single_file(spec, path, setting, layout);
         }
         match classify_missing(spec) {
             Missing::HubId => Ok(Self::Hub {
@@ -101,6 +100,13 @@ impl ModelSource {
                     .map(|n| n.to_string_lossy().into_owned())
                     .unwrap_or_else(|| dir.display().to_string()),
                 backend: Backend::Local(dir.clone()),
+            }),
+            Self::SingleFile(path) => Ok(ModelFiles {
+                name: path
+                    .file_stem()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| path.display().to_string()),
+                backend: Backend::SingleFile(path.clone()),
             }),
             Self::Hub { repo_id, revision } => {
                 let cache = hub_cache();
@@ -139,6 +145,46 @@ impl ModelSource {
                 })
             }
         }
+    }
+}
+
+/// A file given as a model or VAE: a `.safetensors` file is one; pickles are refused with a
+/// way to convert them; anything else is not a model.
+fn single_file(spec: &str, path: PathBuf, setting: Setting, layout: &str) -> Result<ModelSource> {
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    match ext.as_str() {
+        "safetensors" => Ok(ModelSource::SingleFile(path)),
+        "ckpt" | "pt" | "pth" | "bin" | "pkl" => Err(Error::setting(
+            setting,
+            spec,
+            format!(
+                "a PyTorch pickle checkpoint, which latent does not load (loading one can run \
+                 code); convert it once to .safetensors, e.g. python -c \"import torch, \
+                 safetensors.torch as s; d = torch.load('{name}', weights_only=True); \
+                 d = d.get('state_dict', d); s.save_file({{k: v.contiguous() for k, v in \
+                 d.items() if isinstance(v, torch.Tensor)}}, '{stem}.safetensors')\"",
+                name = path
+                    .file_name()
+                    .map(|n| n.to_string_lossy())
+                    .unwrap_or_default(),
+                stem = path
+                    .file_stem()
+                    .map(|n| n.to_string_lossy())
+                    .unwrap_or_default(),
+            ),
+        )),
+        _ => Err(Error::setting(
+            setting,
+            spec,
+            format!(
+                "expected a folder in diffusers layout ({layout}) or a .safetensors file, found \
+                 another file"
+            ),
+        )),
     }
 }
 
@@ -203,6 +249,7 @@ fn current_dir_text() -> String {
 
 enum Backend {
     Local(PathBuf),
+    SingleFile(PathBuf),
     HubOffline {
         cache: hf_hub::CacheRepo,
         repo_id: String,
@@ -226,10 +273,18 @@ impl ModelFiles {
         &self.name
     }
 
+    /// The file, when the model is a single `.safetensors` file rather than a folder.
+    pub fn single_file(&self) -> Option<&Path> {
+        match &self.backend {
+            Backend::SingleFile(path) => Some(path),
+            _ => None,
+        }
+    }
+
     /// How to name `rel` in a message: its local path, or `repo_id/rel` for hub models.
     pub fn display_path(&self, rel: &str) -> PathBuf {
         match &self.backend {
-            Backend::Local(dir) => dir.join(rel),
+            Backend::Local(dir) | Backend::SingleFile(dir) => dir.join(rel),
             Backend::HubOffline { repo_id, .. } | Backend::Hub { repo_id, .. } => {
                 PathBuf::from(format!("{repo_id}/{rel}"))
             }
@@ -240,6 +295,7 @@ impl ModelFiles {
     pub fn has(&self, rel: &str) -> bool {
         match &self.backend {
             Backend::Local(dir) => dir.join(rel).is_file(),
+            Backend::SingleFile(_) => false,
             Backend::HubOffline { cache, .. } => cache.get(rel).is_some(),
             Backend::Hub { files, .. } => files.contains(rel),
         }
@@ -259,6 +315,10 @@ impl ModelFiles {
                     })
                 }
             }
+            Backend::SingleFile(path) => Err(Error::MissingFile {
+                path: path.join(rel),
+                hint: " (a single-file checkpoint has no component folders)".into(),
+            }),
             Backend::HubOffline { cache, repo_id } => cache.get(rel).ok_or_else(|| Error::MissingFile {
                 path: PathBuf::from(format!("{repo_id}/{rel}")),
                 hint: format!(" in the Hugging Face cache (HF_HUB_OFFLINE is set, so nothing is downloaded; \
@@ -349,9 +409,24 @@ mod tests {
         }
         let file = dir.path().join("model.safetensors");
         std::fs::write(&file, b"x").unwrap();
-        let e = ModelSource::parse(&file.display().to_string(), None)
+        assert!(matches!(
+            ModelSource::parse(&file.display().to_string(), None).unwrap(),
+            ModelSource::SingleFile(_)
+        ));
+        let other = dir.path().join("model.txt");
+        std::fs::write(&other, b"x").unwrap();
+        let e = ModelSource::parse(&other.display().to_string(), None)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("found a file"), "{e}");
+        assert!(e.contains("found another file"), "{e}");
+        let pickle = dir.path().join("model.ckpt");
+        std::fs::write(&pickle, b"x").unwrap();
+        let e = ModelSource::parse(&pickle.display().to_string(), None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("pickle") && e.contains("model.safetensors"),
+            "{e}"
+        );
     }
 }

@@ -1,6 +1,6 @@
 //! Safetensors weight files: memory-mapped, looked up by dotted name, checked against the
 //! shape the architecture expects, with errors that name the file and the tensor.
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -21,6 +21,114 @@ struct WeightsFile {
     tensors: HashMap<String, TensorInfo>,
     /// The header's `__metadata__` strings.
     metadata: HashMap<String, String>,
+    /// Tensors stored transposed (a part of a single-file checkpoint, see [`FilePart`]).
+    transposed: HashSet<String>,
+}
+
+/// Where a component's tensors are: a file of its own (a diffusers folder's), or its part of
+/// a single-file checkpoint.
+#[derive(Debug, Clone)]
+pub struct WeightsPath {
+    /// The file.
+    pub path: PathBuf,
+    /// The component's tensors inside it, under the names its loader reads; `None`: every
+    /// tensor of the file, as named there.
+    pub part: Option<Arc<FilePart>>,
+}
+
+impl From<PathBuf> for WeightsPath {
+    fn from(path: PathBuf) -> Self {
+        Self { path, part: None }
+    }
+}
+
+/// How a tensor of a single-file checkpoint becomes one a loader reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reshape {
+    /// As stored.
+    Same,
+    /// Rows `index` of `count` equal blocks along the first axis (one of a fused q/k/v).
+    Rows { index: usize, count: usize },
+    /// A 1x1 convolution's kernel read as a linear layer's matrix (trailing 1s dropped).
+    Squeeze,
+    /// A matrix stored transposed (`x @ P` in the file, a linear layer's weight here).
+    Transpose,
+}
+
+/// A component's tensors inside a single-file checkpoint: header entries under the names its
+/// loader reads, each a view of the bytes in the file (nothing copied at load, except the
+/// rare transposed matrix).
+#[derive(Debug, Default)]
+pub struct FilePart {
+    tensors: HashMap<String, TensorInfo>,
+    transposed: HashSet<String>,
+}
+
+impl FilePart {
+    /// The part described by `(name here, name in the file, reshape)` over the file's header
+    /// entries; a name not in the header, or a reshape its shape does not allow, is an error
+    /// naming the file.
+    pub fn build(
+        path: &Path,
+        header: &HashMap<String, TensorInfo>,
+        names: &[(String, String, Reshape)],
+    ) -> Result<Self> {
+        let mut part = Self::default();
+        for (name, source, reshape) in names {
+            let info = header.get(source).ok_or_else(|| Error::MissingTensor {
+                path: path.to_path_buf(),
+                name: source.clone(),
+            })?;
+            let bad = |why: &str| Error::Weights {
+                path: path.to_path_buf(),
+                message: format!("tensor `{source}` of shape {:?} {why}", info.shape),
+            };
+            let mut view = info.clone();
+            match *reshape {
+                Reshape::Same => {}
+                Reshape::Rows { index, count } => {
+                    let rows = info.shape.first().copied().unwrap_or(0);
+                    if rows == 0 || rows % count != 0 {
+                        return Err(bad(&format!("cannot be split in {count} along its rows")));
+                    }
+                    let (start, end) = info.data_offsets;
+                    let size = (end - start) / count;
+                    view.data_offsets = (start + index * size, start + (index + 1) * size);
+                    view.shape[0] = rows / count;
+                }
+                Reshape::Squeeze => {
+                    if info.shape.len() != 4 || info.shape[2..] != [1, 1] {
+                        return Err(bad("is not a 1x1 convolution"));
+                    }
+                    view.shape.truncate(2);
+                }
+                Reshape::Transpose => {
+                    if info.shape.len() != 2 {
+                        return Err(bad("is not a matrix"));
+                    }
+                    view.shape.reverse();
+                    part.transposed.insert(name.clone());
+                }
+            }
+            part.tensors.insert(name.clone(), view);
+        }
+        Ok(part)
+    }
+
+    /// Number of parameters of the part.
+    pub fn parameter_count(&self) -> u64 {
+        self.tensors
+            .values()
+            .map(|i| i.shape.iter().map(|&d| d as u64).product::<u64>())
+            .sum()
+    }
+}
+
+/// The header of the safetensors file at `path`: its tensors and `__metadata__` (nothing is
+/// loaded).
+pub fn read_header(path: &Path) -> Result<(HashMap<String, TensorInfo>, HashMap<String, String>)> {
+    let w = Weights::open(path, &Device::Cpu, DType::F32)?;
+    Ok((w.file.tensors.clone(), w.file.metadata.clone()))
 }
 
 impl AsRef<[u8]> for WeightsFile {
@@ -65,7 +173,11 @@ fn advise_huge_pages(buf: &mut [f32]) {
 
 /// Number of parameters stored in the safetensors file at `path`, read from its header only
 /// (nothing is loaded): what the memory estimate counts for a component's weights.
-pub fn parameter_count(path: &Path) -> Result<u64> {
+pub fn parameter_count(weights: &WeightsPath) -> Result<u64> {
+    if let Some(part) = &weights.part {
+        return Ok(part.parameter_count());
+    }
+    let path = weights.path.as_path();
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     // SAFETY: read-only map, only the header is read (see `Weights::open`).
     let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
@@ -131,12 +243,25 @@ impl Weights {
                 data_start,
                 tensors,
                 metadata,
+                transposed: HashSet::new(),
             }),
             prefix: String::new(),
             device: device.clone(),
             dtype,
             patches: None,
         })
+    }
+
+    /// Opens a component's weights: a whole file, or its part of a single-file checkpoint
+    /// (then only the part's tensors are seen, under the names its loader reads).
+    pub fn open_at(weights: &WeightsPath, device: &Device, dtype: DType) -> Result<Self> {
+        let mut w = Self::open(&weights.path, device, dtype)?;
+        if let Some(part) = &weights.part {
+            let file = Arc::get_mut(&mut w.file).expect("a file just opened has one owner");
+            file.tensors = part.tensors.clone();
+            file.transposed = part.transposed.clone();
+        }
+        Ok(w)
     }
 
     /// A view whose names are prefixed by `name.` (diffusers module paths).
@@ -250,7 +375,7 @@ impl Weights {
             return Ok(values.into());
         }
         let (dtype, bytes) = self.raw(&full, info)?;
-        if dtype == DType::F32 {
+        if dtype == DType::F32 && !self.file.transposed.contains(&full) {
             let offset = self.file.data_start + info.data_offsets.0;
             let owner: Arc<dyn AsRef<[u8]> + Send + Sync> = self.file.clone();
             if let Some(host) = crate::kernels::HostF32::shared(owner, offset, bytes.len() / 4) {
@@ -296,6 +421,23 @@ impl Weights {
 
     /// The values of tensor `full` as f32 in host memory, without patches.
     fn host_values(&self, full: &str, info: &TensorInfo) -> Result<Vec<f32>> {
+        let values = self.stored_values(full, info)?;
+        if !self.file.transposed.contains(full) {
+            return Ok(values);
+        }
+        // Stored as (cols, rows): read it back as (rows, cols).
+        let (rows, cols) = (info.shape[0], info.shape[1]);
+        let mut out = vec![0f32; values.len()];
+        for (c, row) in values.chunks_exact(rows).enumerate() {
+            for (r, &v) in row.iter().enumerate() {
+                out[r * cols + c] = v;
+            }
+        }
+        Ok(out)
+    }
+
+    /// The values of tensor `full` as f32 in host memory, in the file's order.
+    fn stored_values(&self, full: &str, info: &TensorInfo) -> Result<Vec<f32>> {
         let (dtype, bytes) = self.raw(full, info)?;
         #[cfg(all(unix, target_endian = "little"))]
         if dtype == DType::F32 {
@@ -402,7 +544,14 @@ impl Weights {
 
     fn load(&self, full: &str, info: &TensorInfo) -> Result<Tensor> {
         let (dtype, bytes) = self.raw(full, info)?;
-        let t = Tensor::from_raw_buffer(bytes, dtype, &info.shape, &Device::Cpu)?;
+        let t = if self.file.transposed.contains(full) {
+            let stored = [info.shape[1], info.shape[0]];
+            Tensor::from_raw_buffer(bytes, dtype, &stored, &Device::Cpu)?
+                .t()?
+                .contiguous()?
+        } else {
+            Tensor::from_raw_buffer(bytes, dtype, &info.shape, &Device::Cpu)?
+        };
         Ok(t.to_dtype(self.dtype)?.to_device(&self.device)?)
     }
 

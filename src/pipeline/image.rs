@@ -348,7 +348,7 @@ impl StableDiffusion {
         on_event(Event::Loading {
             component: "vae encoder",
         });
-        let w = Weights::open(&self.vae.weights, &self.device, self.vae_dtype)?;
+        let w = Weights::open_at(&self.vae.weights, &self.device, self.vae_dtype)?;
         let encoder = Arc::new(self.vae.load_encoder_from(&w)?);
         if self.residency == super::Residency::Resident {
             *slot = Some(Arc::clone(&encoder));

@@ -24,13 +24,13 @@ impl StableDiffusion {
         let cpu = candle_core::Device::Cpu;
         let mut out = Vec::with_capacity(self.text.len() + 1);
         for (i, t) in self.text.iter().enumerate() {
-            let w = Weights::open(&t.path, &cpu, candle_core::DType::F32)?;
+            let w = Weights::open_at(&t.path, &cpu, candle_core::DType::F32)?;
             out.push((
                 Component::TextEncoder(i),
                 ModuleIndex::new(Component::TextEncoder(i), w.tensors()),
             ));
         }
-        let w = Weights::open(&self.unet_path, &cpu, candle_core::DType::F32)?;
+        let w = Weights::open_at(&self.unet_path, &cpu, candle_core::DType::F32)?;
         out.push((
             Component::UNet,
             ModuleIndex::new(Component::UNet, w.tensors()),

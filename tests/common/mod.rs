@@ -2,6 +2,7 @@
 // Each test crate compiles its own copy and uses only some of these.
 #![allow(dead_code)]
 pub mod batch;
+pub mod single_file;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -114,4 +115,40 @@ pub fn assert_matches_golden(
         "{name}: latents max abs diff {d:.2e} (relative {:.1e}), image max diff {worst}/255",
         d / scale
     );
+}
+
+/// A plain-syntax request for one image: `size` x `size`, `steps` of `scheduler`, guidance
+/// 7.5, torch's generator seeded with `seed`.
+pub fn request(
+    prompt: &str,
+    size: usize,
+    steps: usize,
+    scheduler: &str,
+    seed: u64,
+) -> latent::pipeline::GenerateRequest {
+    use latent::pipeline::{GenerateRequest, Sampling};
+    use latent::prompt::{PromptSyntax, TextOptions};
+    GenerateRequest {
+        prompt: prompt.into(),
+        negative_prompt: String::new(),
+        sampling: Sampling {
+            width: size,
+            height: size,
+            steps,
+            guidance: 7.5,
+            scheduler: scheduler.parse().unwrap(),
+            karras: false,
+            rng: latent::noise::RngKind::Torch,
+            size_conditioning: Default::default(),
+            preview_every: None,
+            text: TextOptions {
+                syntax: PromptSyntax::Plain,
+                clip_skip: 1,
+            },
+            image: None,
+        },
+        seeds: vec![seed],
+        batch_size: 1,
+        latents: None,
+    }
 }
