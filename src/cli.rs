@@ -32,7 +32,7 @@ pub enum Command {
     Serve(Box<ServeArgs>),
     /// Print the generation parameters stored in a PNG made by latent (or AUTOMATIC1111).
     Info {
-        /// PNG file(s) to read.
+        /// PNG file(s) to read, or single-file checkpoints (.safetensors) to describe.
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
@@ -416,8 +416,9 @@ pub struct ServeArgs {
     /// answers the network (then set --api-auth).
     #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:7860")]
     pub listen: std::net::SocketAddr,
-    /// Folder of diffusers model folders (each with model_index.json) that clients may switch
-    /// to with sd_model_checkpoint, besides the starting model (--model).
+    /// Folder of models that clients may switch to with sd_model_checkpoint, besides the
+    /// starting model (--model): diffusers folders (with model_index.json) and single-file
+    /// .safetensors checkpoints.
     #[arg(long, value_name = "DIR")]
     pub models_dir: Option<PathBuf>,
     /// Require HTTP Basic authentication with user:password (several separated by commas),

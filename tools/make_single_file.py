@@ -169,41 +169,94 @@ def open_clip(sd, prefix, src, extras, generator):
             if key.startswith(last):
                 shapes[extra + key[len(last):]] = sum(sd[k].shape[0] for _, k in sources), sd[sources[0][1]].shape[1:]
         for key, (rows, rest) in sorted(shapes.items()):
-            extras[key] = torch.randn((rows, *rest), generator=generator).to(dtype)
-        extras[prefix + "text_projection"] = torch.randn(hidden, hidden, generator=generator).to(dtype)
+            extras[key] = torch.randn((rows, *rest), generator=generator, device="cpu").to(dtype)
+        extras[prefix + "text_projection"] = torch.randn(hidden, hidden, generator=generator, device="cpu").to(dtype)
     return out
 
 
 def schedule_buffers(dtype):
-    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64, device="cpu") ** 2
     alphas_cumprod = torch.cumprod(1 - betas, 0)
     return {"betas": betas.to(dtype), "alphas_cumprod": alphas_cumprod.to(dtype),
             "sqrt_alphas_cumprod": alphas_cumprod.sqrt().to(dtype)}
+
+
+UNET_FILE, VAE_FILE = "unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors"
+TE_FILE, TE2_FILE = "text_encoder/model.safetensors", "text_encoder_2/model.safetensors"
 
 
 def recipe(folder, kind):
     """How each tensor of the single file is made: {name: (op, [(file in folder, tensor)])}
     with op same / cat (rows) / t (transposed) / conv (a matrix as a 1x1 convolution), and
     the tensors not in the folder (extras)."""
-    g = torch.Generator().manual_seed(5)
     folder = Path(folder)
-    cfg = lambda p: json.loads((folder / p).read_text())  # noqa: E731
-    unet_file, vae_file = "unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors"
-    te_file, te2_file = "text_encoder/model.safetensors", "text_encoder_2/model.safetensors"
-    unet = load_file(folder / unet_file)
-    out = unet_to_ldm(unet, cfg("unet/config.json"), unet_file)
-    out.update(vae_to_ldm(load_file(folder / vae_file), cfg("vae/config.json"), vae_file))
-    te = load_file(folder / te_file)
-    extras = schedule_buffers(next(iter(unet.values())).dtype)
+    files = [UNET_FILE, VAE_FILE, TE_FILE] + ([TE2_FILE] if kind == "sdxl" else [])
+    sds = {f: load_file(folder / f) for f in files}
+    configs = {c: json.loads((folder / c / "config.json").read_text()) for c in ("unet", "vae")}
+    return recipe_from(sds, configs, kind)
+
+
+def recipe_from(sds, configs, kind):
+    """The recipe of state dicts `sds` (by file) with the unet and vae `configs`."""
+    g = torch.Generator().manual_seed(5)
+    out = unet_to_ldm(sds[UNET_FILE], configs["unet"], UNET_FILE)
+    out.update(vae_to_ldm(sds[VAE_FILE], configs["vae"], VAE_FILE))
+    te = sds[TE_FILE]
+    extras = schedule_buffers(next(iter(sds[UNET_FILE].values())).dtype)
     if kind == "sd1":
-        out.update({"cond_stage_model.transformer." + k: ("same", [(te_file, k)]) for k in te})
+        out.update({"cond_stage_model.transformer." + k: ("same", [(TE_FILE, k)]) for k in te})
     elif kind == "sd2":
-        out.update(open_clip(te, "cond_stage_model.model.", te_file, extras, g))
+        out.update(open_clip(te, "cond_stage_model.model.", TE_FILE, extras, g))
     else:
-        out.update({"conditioner.embedders.0.transformer." + k: ("same", [(te_file, k)]) for k in te})
-        te2 = load_file(folder / te2_file)
-        out.update(open_clip(te2, "conditioner.embedders.1.model.", te2_file, None, g))
+        out.update({"conditioner.embedders.0.transformer." + k: ("same", [(TE_FILE, k)]) for k in te})
+        out.update(open_clip(sds[TE2_FILE], "conditioner.embedders.1.model.", TE2_FILE, None, g))
     return out, extras
+
+
+def layouts():
+    """Names and shapes of full-size SD 1.5, SD 2.1 and SDXL base checkpoints in the LDM layout
+    (models built on the meta device from the templates: no weights), for the inference test."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    templates = ROOT / "src" / "model" / "single_file" / "templates"
+    load = lambda name: json.loads((templates / name).read_text())  # noqa: E731
+    strip = lambda d: {k: v for k, v in d.items() if not k.startswith("_")}  # noqa: E731
+    clip = lambda d: CLIPTextConfig(**{k: v for k, v in d.items() if k not in ("architectures", "model_type")})  # noqa: E731
+    big_g = dict(load("text_open_clip.json"), hidden_size=1280, intermediate_size=5120,
+                 num_attention_heads=20, num_hidden_layers=32, projection_dim=1280)
+    out = {}
+    for kind, unet_t, encoders in [
+        ("sd1", "unet_sd1.json", [(CLIPTextModel, load("text_clip.json"))]),
+        ("sd2", "unet_sd2.json", [(CLIPTextModel, load("text_open_clip.json"))]),
+        ("sdxl", "unet_sdxl.json", [(CLIPTextModel, load("text_clip.json")),
+                                    (CLIPTextModelWithProjection, big_g)]),
+    ]:
+        with torch.device("meta"):
+            unet_cfg, vae_cfg = strip(load(unet_t)), strip(load("vae.json"))
+            sds = {UNET_FILE: UNet2DConditionModel(**unet_cfg).half().state_dict(),
+                   VAE_FILE: AutoencoderKL(**vae_cfg).half().state_dict()}
+            for file, (cls, cfg) in zip([TE_FILE, TE2_FILE], encoders):
+                model = cls(clip(cfg)).half()
+                sd = model.state_dict()
+                if not any(k.startswith("text_model.") for k in sd):
+                    sd = {("text_projection.weight" if k.startswith("text_projection") else "text_model." + k): v
+                          for k, v in sd.items()}
+                sds[file] = sd
+            steps, extras = recipe_from(sds, {"unet": unet_cfg, "vae": vae_cfg}, kind)
+            tensors = {n: list(v.shape) for n, v in extras.items()}
+            for name, (op, sources) in steps.items():
+                shapes = [list(sds[f][k].shape) for f, k in sources]
+                shape = shapes[0]
+                if op == "cat":
+                    shape = [sum(s[0] for s in shapes)] + shape[1:]
+                elif op == "t":
+                    shape = shape[::-1]
+                elif op == "conv":
+                    shape = shape + [1, 1]
+                tensors[name] = shape
+        out[kind] = sorted(tensors.items())
+        print(f"layout of a full-size {kind} checkpoint: {len(tensors)} tensors")
+    (OUT / "layouts.json").write_text(json.dumps(out, separators=(",", ":")) + "\n")
 
 
 def assemble(folder, steps, extras):
@@ -286,6 +339,7 @@ def main():
         full_sd15(args.full_sd15)
         return
     OUT.mkdir(parents=True, exist_ok=True)
+    layouts()
     for kind in ("sd1", "sd2", "sdxl"):
         folder = FX / f"tiny-{kind}"
         steps, extras = recipe(folder, kind)

@@ -23,11 +23,15 @@ pub fn serve(args: ServeArgs) -> Result<()> {
     let model_args = args.model.clone();
     let first = start_spec.clone();
     // Every model loads as the command line loads one (device, precision, --vae,
-    // --embeddings); --revision belongs to the starting model only.
+    // --embeddings); --revision, --model-type and --model-config belong to the starting model
+    // only (a single file in the models folder says what it is, or has an AUTOMATIC1111-style
+    // .yaml beside it).
     let loader = Box::new(move |spec: &str| -> latent::Result<StableDiffusion> {
         let mut a = model_args.clone();
         if spec != first {
             a.revision = None;
+            a.model_type = None;
+            a.model_config = None;
         }
         a.model = Some(spec.to_string());
         let mut progress = Progress::new(true);

@@ -60,7 +60,7 @@ pub enum Reshape {
 /// rare transposed matrix).
 #[derive(Debug, Default)]
 pub struct FilePart {
-    tensors: HashMap<String, TensorInfo>,
+    pub(crate) tensors: HashMap<String, TensorInfo>,
     transposed: HashSet<String>,
 }
 

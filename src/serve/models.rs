@@ -1,5 +1,6 @@
 //! The models a server offers: the one it started with, then every diffusers folder (a folder
-//! with `model_index.json`) directly under `--models-dir`, by folder name.
+//! with `model_index.json`, by folder name) and single-file checkpoint (`NAME.safetensors`,
+//! by file name, as AUTOMATIC1111 lists them) directly under `--models-dir`.
 use std::path::{Path, PathBuf};
 
 use super::api::SdModelItem;
@@ -76,20 +77,29 @@ impl Catalog {
             .filter(|(_, rest)| rest.ends_with(']'))
             .map_or(name, |(head, _)| head);
         let bare = bare.strip_suffix(".safetensors").unwrap_or(bare);
-        self.entries
-            .iter()
-            .find(|e| e.title == name || e.title == bare || e.filename == name)
+        self.entries.iter().find(|e| {
+            e.title == name
+                || e.title == bare
+                || e.title.strip_suffix(".safetensors") == Some(bare)
+                || e.filename == name
+        })
     }
 }
 
-/// The diffusers folders directly under `dir`: (folder name, path).
+/// The models directly under `dir`: (folder or file name, path). A `.safetensors` file is
+/// listed when its tensor names are a checkpoint's (VAEs and LoRAs kept beside are not).
 fn scan(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
     let read = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
     let mut found = Vec::new();
     for entry in read {
         let entry = entry.map_err(|e| Error::io(dir, e))?;
         let path = entry.path();
-        if path.join("model_index.json").is_file() {
+        let is_file_checkpoint = || {
+            path.extension().is_some_and(|e| e == "safetensors")
+                && path.is_file()
+                && crate::model::single_file::is_checkpoint(&path)
+        };
+        if path.join("model_index.json").is_file() || is_file_checkpoint() {
             found.push((entry.file_name().to_string_lossy().into_owned(), path));
         }
     }
@@ -97,7 +107,8 @@ fn scan(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
         return Err(Error::setting(
             Setting::Model,
             dir.display(),
-            "holds no diffusers model folder (a folder with model_index.json)",
+            "holds no model (a diffusers folder with model_index.json, or a .safetensors \
+             checkpoint)",
         ));
     }
     found.sort();
@@ -116,12 +127,34 @@ mod tests {
             std::fs::write(dir.path().join(name).join("model_index.json"), "{}").unwrap();
         }
         std::fs::create_dir_all(dir.path().join("not-a-model")).unwrap();
+        std::fs::write(dir.path().join("broken.safetensors"), b"not a checkpoint").unwrap();
+        // A checkpoint's names (the family is read from them) and a VAE's.
+        let one = [0u8; 4];
+        let tensor = |name: &str| {
+            let view = safetensors::tensor::TensorView::new(
+                safetensors::Dtype::F32,
+                vec![1],
+                &one,
+            )
+            .unwrap();
+            (name.to_string(), view)
+        };
+        let checkpoint = [
+            tensor("model.diffusion_model.out.2.weight"),
+            tensor("cond_stage_model.transformer.text_model.final_layer_norm.weight"),
+        ];
+        safetensors::serialize_to_file(checkpoint, None, &dir.path().join("c-model.safetensors"))
+            .unwrap();
+        let vae = [tensor("encoder.down.0.block.0.conv1.weight")];
+        safetensors::serialize_to_file(vae, None, &dir.path().join("vae.safetensors")).unwrap();
         let c = Catalog::new("start", "/nowhere/start", Some(dir.path())).unwrap();
         let titles: Vec<&str> = c.entries().iter().map(|e| e.title.as_str()).collect();
-        assert_eq!(titles, ["start", "a-model", "b-model"]);
+        assert_eq!(titles, ["start", "a-model", "b-model", "c-model.safetensors"]);
+        assert_eq!(c.find("c-model").unwrap().title, "c-model.safetensors");
+        assert_eq!(c.find("c-model.safetensors [12ab]").unwrap().title, "c-model.safetensors");
         assert_eq!(c.find("a-model [0123abcd]").unwrap().title, "a-model");
         assert_eq!(c.find("b-model.safetensors").unwrap().title, "b-model");
-        assert!(c.find("c-model").is_none());
+        assert!(c.find("d-model").is_none());
         let empty = tempfile::tempdir().unwrap();
         assert!(Catalog::new("start", "x", Some(empty.path())).is_err());
     }

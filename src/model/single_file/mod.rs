@@ -9,11 +9,16 @@
 mod clip;
 mod detect;
 mod header;
+#[cfg(test)]
+mod tests;
 mod unet;
 mod vae;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+use safetensors::tensor::TensorInfo;
 
 use serde_json::{json, Map, Value};
 
@@ -67,21 +72,34 @@ impl Checkpoint {
     /// Reads the header of `path` and lays out every component (no tensor is read).
     pub fn open(path: &Path) -> Result<Self> {
         let (header, metadata) = read_header(path)?;
-        let kind = detect::family(path, &header)?;
+        let mut ckpt = Self::from_header(path, &header, &metadata)?;
+        if ckpt.stated.is_none() && ckpt.kind != Kind::Sd1 {
+            ckpt.stated = yaml_prediction(path);
+        }
+        Ok(ckpt)
+    }
+
+    /// [`Self::open`] on a header already read.
+    fn from_header(
+        path: &Path,
+        header: &HashMap<String, TensorInfo>,
+        metadata: &HashMap<String, String>,
+    ) -> Result<Self> {
+        let kind = detect::family(path, header)?;
         let stated = match kind {
             Kind::Sd1 => None,
-            Kind::Sd2 | Kind::Sdxl => detect::stated_prediction(&header, &metadata),
+            Kind::Sd2 | Kind::Sdxl => detect::stated_prediction(header, metadata),
         };
         let part = |names: NameMap| -> Result<WeightsPath> {
             Ok(WeightsPath {
                 path: path.to_path_buf(),
-                part: Some(Arc::new(FilePart::build(path, &header, &names.entries)?)),
+                part: Some(Arc::new(FilePart::build(path, header, &names.entries)?)),
             })
         };
         let config = |label: &str, map: Map<String, Value>| {
             ConfigFile::from_map(PathBuf::from(format!("{} [{label}]", path.display())), map)
         };
-        let sub = |prefix: &str| Sub::new(path, &header, prefix);
+        let sub = |prefix: &str| Sub::new(path, header, prefix);
 
         let (unet_template, text_parts) = match kind {
             Kind::Sd1 => (
@@ -171,6 +189,54 @@ impl Checkpoint {
         })
     }
 
+    /// What `latent info` says about the checkpoint: one line per fact.
+    pub fn describe(&self) -> Vec<String> {
+        let millions = |c: &Component| {
+            let n = c.weights.part.as_ref().map_or(0, |p| p.parameter_count());
+            format!("{:.1} M parameters", n as f64 / 1e6)
+        };
+        let number = |c: &ConfigFile, key: &str| -> String {
+            c.maybe::<Value>(key)
+                .ok()
+                .flatten()
+                .map(|v| v.to_string())
+                .unwrap_or_else(|| "?".into())
+        };
+        let mut lines = vec![format!("{} checkpoint (from its tensor names)", self.kind.describe())];
+        lines.push(match (self.stated, self.kind) {
+            (Some((p, how)), _) => format!("predicts: {} ({how})", p.config_value()),
+            (None, Kind::Sd2) => "predicts: not stated (give the model type: sd2 or sd2-v)".into(),
+            (None, _) => "predicts: epsilon (the family's)".into(),
+        });
+        let u = &self.unet.config;
+        lines.push(format!(
+            "unet: {}, block_out_channels {}, layers_per_block {}, cross_attention_dim {}, in_channels {}",
+            millions(&self.unet),
+            number(u, "block_out_channels"),
+            number(u, "layers_per_block"),
+            number(u, "cross_attention_dim"),
+            number(u, "in_channels")
+        ));
+        for (i, t) in self.text.iter().enumerate() {
+            let c = &t.component.config;
+            lines.push(format!(
+                "text_encoder{}: {}, hidden_size {}, num_hidden_layers {}, {}",
+                if i == 0 { String::new() } else { format!("_{}", i + 1) },
+                millions(&t.component),
+                number(c, "hidden_size"),
+                number(c, "num_hidden_layers"),
+                if t.pad == "!" { "OpenCLIP" } else { "CLIP" }
+            ));
+        }
+        lines.push(format!(
+            "vae: {}, block_out_channels {}, scaling_factor {}",
+            millions(&self.vae),
+            number(&self.vae.config, "block_out_channels"),
+            number(&self.vae.config, "scaling_factor")
+        ));
+        lines
+    }
+
     /// The family's scheduler config (its default sampler and noise schedule) with the UNet's
     /// prediction type, as JSON text.
     pub fn scheduler_config(&self, prediction: Prediction) -> String {
@@ -213,13 +279,34 @@ impl Checkpoint {
                 "",
                 format!(
                     "{} is an SD 2.x checkpoint, which may predict noise (512-pixel models such \
-                     as 2.x-base) or v (768-pixel models such as 2.1), and the file does not say \
-                     which: give the model type, sd2 or sd2-v",
+                     as 2.x-base) or v (768-pixel models such as 2.1), and neither the file nor \
+                     a .yaml beside it says which: give the model type, sd2 or sd2-v",
                     self.path.display()
                 ),
             )),
         }
     }
+}
+
+/// Whether `path` is a `.safetensors` checkpoint of a family latent reads (from its header).
+pub fn is_checkpoint(path: &Path) -> bool {
+    read_header(path).is_ok_and(|(header, _)| detect::family(path, &header).is_ok())
+}
+
+/// What an AUTOMATIC1111-style config beside the checkpoint (`NAME.yaml`, the LDM config)
+/// says the UNet predicts: its `parameterization: "v"`, else noise.
+fn yaml_prediction(path: &Path) -> Option<(Prediction, &'static str)> {
+    let text = std::fs::read_to_string(path.with_extension("yaml")).ok()?;
+    let v = text.lines().any(|line| {
+        let line = line.trim();
+        line.strip_prefix("parameterization:")
+            .is_some_and(|value| value.trim().trim_matches(['"', '\'']) == "v")
+    });
+    Some(if v {
+        (Prediction::V, "the .yaml beside it")
+    } else {
+        (Prediction::Epsilon, "the .yaml beside it")
+    })
 }
 
 /// How a text encoder is stored.
