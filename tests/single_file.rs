@@ -282,3 +282,34 @@ fn the_command_line_reads_single_files_and_records_their_name() {
 fn refs(a: &[String]) -> Vec<&str> {
     a.iter().map(String::as_str).collect()
 }
+
+#[test]
+fn loras_merge_into_single_files_as_into_folders() {
+    // kohya names map onto the same modules whichever way the model was stored.
+    let tmp = tempfile::tempdir().unwrap();
+    let file = assemble("sd1", tmp.path());
+    let folder = fixtures().join("tiny-sd1");
+    let lora = latent::lora::LoraSpec::new(
+        fixtures().join("lora/sd1/kohya-style.safetensors"),
+        0.8,
+    );
+    let load = |model: &Path, config: Option<&Path>| {
+        let files = open(model);
+        let config = config.map(open);
+        let options = LoadOptions {
+            model_config: config.as_ref(),
+            lora: latent::pipeline::LoraSettings {
+                dir: None,
+                base: vec![lora.clone()],
+            },
+            ..LoadOptions::default()
+        };
+        StableDiffusion::load_opts(&files, &Device::Cpu, DType::F32, &options, &mut |_| {})
+            .unwrap()
+    };
+    let want = run(&load(&folder, None), "euler");
+    let got = run(&load(&file, Some(&folder)), "euler");
+    assert_eq!(max_abs(&(got - &want).unwrap()), 0.0);
+    let plain = run(&try_load(&folder, None, None, DType::F32).unwrap(), "euler");
+    assert!(max_abs(&(plain - &want).unwrap()) > 1e-3, "the LoRA changes nothing");
+}
