@@ -41,9 +41,10 @@ pub enum Command {
 /// Flags that choose and place the model; shared by every command that runs one.
 #[derive(Debug, Args, Clone)]
 pub struct ModelArgs {
-    /// Model: a diffusers folder (any path that exists; relative to the current folder) or,
-    /// when no such path exists, a Hugging Face hub repo id (owner/name). A path starting with
-    /// ./, ../, / or ~/ is never a hub id. Default: $LATENT_MODEL, else the bundled model.
+    /// Model: a diffusers folder or a single-file .safetensors checkpoint (any path that
+    /// exists; relative to the current folder) or, when no such path exists, a Hugging Face hub
+    /// repo id (owner/name). A path starting with ./, ../, / or ~/ is never a hub id. Default:
+    /// $LATENT_MODEL, else the bundled model.
     #[arg(short, long)]
     pub model: Option<String>,
     /// Hub revision (branch, tag or commit) for a hub model.
@@ -69,7 +70,8 @@ pub struct ModelArgs {
     pub dtype: Precision,
     /// Decode with this VAE instead of the model's: a tiny VAE (AutoencoderTiny: TAESD for
     /// SD 1.x/2.x, TAESDXL for SDXL) or another AutoencoderKL (e.g. the SDXL fp16-fix VAE); a
-    /// local folder or hub repo id with config.json and diffusion_pytorch_model.safetensors.
+    /// local folder or hub repo id with config.json and diffusion_pytorch_model.safetensors,
+    /// or a single .safetensors VAE file (LDM or diffusers layout).
     #[arg(long, value_name = "PATH_OR_REPO")]
     pub vae: Option<String>,
     /// Textual-inversion embeddings: a folder of .safetensors files (AUTOMATIC1111's or

@@ -682,8 +682,9 @@ pub struct ClipTextModel {
 }
 
 impl ClipTextModel {
-    /// Loads the encoder from `weights` (rooted at the file; tensors under `text_model.`), in
-    /// the weights' dtype on their device. Layer norms are kept in f32.
+    /// Loads the encoder from `weights` (rooted at the file; tensors under `text_model.`, or
+    /// at the top as transformers >= 5.6 saves them), in the weights' dtype on their device.
+    /// Layer norms are kept in f32.
     pub fn load(weights: &Weights, config: &ClipTextConfig) -> Result<Self> {
         Self::load_with(weights, config, false)
     }
@@ -702,7 +703,14 @@ impl ClipTextModel {
         } else {
             None
         };
-        let w = weights.pp("text_model");
+        // transformers >= 5.6 saves `CLIPTextModel` without the `text_model.` level.
+        let flat = !weights.contains("text_model.embeddings.token_embedding.weight")
+            && weights.contains("embeddings.token_embedding.weight");
+        let w = if flat {
+            weights.clone()
+        } else {
+            weights.pp("text_model")
+        };
         let c = config;
         let emb = w.pp("embeddings");
         let token_embedding = Embedding::new(

@@ -364,3 +364,28 @@ fn corrupt_tokenizer_json_is_a_tokenizer_error() {
         "{err:?}"
     );
 }
+
+#[test]
+fn encoders_saved_without_the_text_model_level_load_the_same() {
+    // transformers >= 5.6 saves CLIPTextModel's tensors at the top of the file.
+    let (tokenizer, nested) = load_encoder("tiny-sd1", DType::F32);
+    let root = fixtures().join("tiny-sd1/text_encoder");
+    let tensors =
+        candle_core::safetensors::load(root.join("model.safetensors"), &Device::Cpu).unwrap();
+    let flat: std::collections::HashMap<String, Tensor> = tensors
+        .into_iter()
+        .map(|(k, v)| (k.strip_prefix("text_model.").unwrap_or(&k).to_string(), v))
+        .collect();
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("model.safetensors");
+    candle_core::safetensors::save(&flat, &path).unwrap();
+    let config = ClipTextConfig::from_file(&root.join("config.json")).unwrap();
+    let weights = Weights::open(&path, &Device::Cpu, DType::F32).unwrap();
+    let model = ClipTextModel::load(&weights, &config).unwrap();
+    let prompts = ["a photo of a cat"];
+    let diff = max_abs_diff(
+        &embed(&tokenizer, &model, &prompts),
+        &embed(&tokenizer, &nested, &prompts),
+    );
+    assert_eq!(diff, 0.0);
+}
