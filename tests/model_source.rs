@@ -107,7 +107,7 @@ fn an_existing_folder_is_local_relative_to_the_current_folder() {
 }
 
 #[test]
-fn owner_name_not_on_disk_is_a_hub_id_and_a_file_is_refused() {
+fn owner_name_not_on_disk_is_a_hub_id_and_a_file_that_is_no_model_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let e = error_line(&generate(dir.path(), "nobody/nothing"));
     assert!(
@@ -116,11 +116,18 @@ fn owner_name_not_on_disk_is_a_hub_id_and_a_file_is_refused() {
             && e.contains("no local folder nobody/nothing either"),
         "{e}"
     );
+    // A .safetensors file is read as a single-file checkpoint: a broken one says so.
     std::fs::write(dir.path().join("model.safetensors"), b"x").unwrap();
     let e = error_line(&generate(dir.path(), "model.safetensors"));
     assert!(
-        e.contains("--model model.safetensors: expected a folder in diffusers layout")
-            && e.contains("found a file"),
+        e.contains("model.safetensors: not a valid safetensors file"),
+        "{e}"
+    );
+    std::fs::write(dir.path().join("notes.txt"), b"x").unwrap();
+    let e = error_line(&generate(dir.path(), "notes.txt"));
+    assert!(
+        e.contains("--model notes.txt: expected a folder in diffusers layout")
+            && e.contains("or a .safetensors file, found another file"),
         "{e}"
     );
 }

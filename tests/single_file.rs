@@ -289,10 +289,8 @@ fn loras_merge_into_single_files_as_into_folders() {
     let tmp = tempfile::tempdir().unwrap();
     let file = assemble("sd1", tmp.path());
     let folder = fixtures().join("tiny-sd1");
-    let lora = latent::lora::LoraSpec::new(
-        fixtures().join("lora/sd1/kohya-style.safetensors"),
-        0.8,
-    );
+    let lora =
+        latent::lora::LoraSpec::new(fixtures().join("lora/sd1/kohya-style.safetensors"), 0.8);
     let load = |model: &Path, config: Option<&Path>| {
         let files = open(model);
         let config = config.map(open);
@@ -304,12 +302,14 @@ fn loras_merge_into_single_files_as_into_folders() {
             },
             ..LoadOptions::default()
         };
-        StableDiffusion::load_opts(&files, &Device::Cpu, DType::F32, &options, &mut |_| {})
-            .unwrap()
+        StableDiffusion::load_opts(&files, &Device::Cpu, DType::F32, &options, &mut |_| {}).unwrap()
     };
     let want = run(&load(&folder, None), "euler");
     let got = run(&load(&file, Some(&folder)), "euler");
     assert_eq!(max_abs(&(got - &want).unwrap()), 0.0);
     let plain = run(&try_load(&folder, None, None, DType::F32).unwrap(), "euler");
-    assert!(max_abs(&(plain - &want).unwrap()) > 1e-3, "the LoRA changes nothing");
+    assert!(
+        max_abs(&(plain - &want).unwrap()) > 1e-3,
+        "the LoRA changes nothing"
+    );
 }

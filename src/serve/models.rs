@@ -131,12 +131,8 @@ mod tests {
         // A checkpoint's names (the family is read from them) and a VAE's.
         let one = [0u8; 4];
         let tensor = |name: &str| {
-            let view = safetensors::tensor::TensorView::new(
-                safetensors::Dtype::F32,
-                vec![1],
-                &one,
-            )
-            .unwrap();
+            let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![1], &one)
+                .unwrap();
             (name.to_string(), view)
         };
         let checkpoint = [
@@ -149,9 +145,15 @@ mod tests {
         safetensors::serialize_to_file(vae, None, &dir.path().join("vae.safetensors")).unwrap();
         let c = Catalog::new("start", "/nowhere/start", Some(dir.path())).unwrap();
         let titles: Vec<&str> = c.entries().iter().map(|e| e.title.as_str()).collect();
-        assert_eq!(titles, ["start", "a-model", "b-model", "c-model.safetensors"]);
+        assert_eq!(
+            titles,
+            ["start", "a-model", "b-model", "c-model.safetensors"]
+        );
         assert_eq!(c.find("c-model").unwrap().title, "c-model.safetensors");
-        assert_eq!(c.find("c-model.safetensors [12ab]").unwrap().title, "c-model.safetensors");
+        assert_eq!(
+            c.find("c-model.safetensors [12ab]").unwrap().title,
+            "c-model.safetensors"
+        );
         assert_eq!(c.find("a-model [0123abcd]").unwrap().title, "a-model");
         assert_eq!(c.find("b-model.safetensors").unwrap().title, "b-model");
         assert!(c.find("d-model").is_none());

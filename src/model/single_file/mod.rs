@@ -202,7 +202,10 @@ impl Checkpoint {
                 .map(|v| v.to_string())
                 .unwrap_or_else(|| "?".into())
         };
-        let mut lines = vec![format!("{} checkpoint (from its tensor names)", self.kind.describe())];
+        let mut lines = vec![format!(
+            "{} checkpoint (from its tensor names)",
+            self.kind.describe()
+        )];
         lines.push(match (self.stated, self.kind) {
             (Some((p, how)), _) => format!("predicts: {} ({how})", p.config_value()),
             (None, Kind::Sd2) => "predicts: not stated (give the model type: sd2 or sd2-v)".into(),
@@ -221,7 +224,11 @@ impl Checkpoint {
             let c = &t.component.config;
             lines.push(format!(
                 "text_encoder{}: {}, hidden_size {}, num_hidden_layers {}, {}",
-                if i == 0 { String::new() } else { format!("_{}", i + 1) },
+                if i == 0 {
+                    String::new()
+                } else {
+                    format!("_{}", i + 1)
+                },
                 millions(&t.component),
                 number(c, "hidden_size"),
                 number(c, "num_hidden_layers"),

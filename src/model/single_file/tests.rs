@@ -13,7 +13,8 @@ use crate::model::{UNetConfig, VaeConfig};
 use crate::text::ClipTextConfig;
 
 fn layout(kind: &str) -> HashMap<String, TensorInfo> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/single-file/layouts.json");
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/single-file/layouts.json");
     let all: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     let mut offset = 0;
     let mut header = HashMap::new();
@@ -76,7 +77,12 @@ fn sd15_layout_gives_sd15_configs() {
 
 #[test]
 fn sd21_layout_gives_sd21_configs_reading_the_penultimate_layer() {
-    check("sd2", UNET_SD2, &[config(TEXT_OPEN_CLIP, json!({}))], 0.18215);
+    check(
+        "sd2",
+        UNET_SD2,
+        &[config(TEXT_OPEN_CLIP, json!({}))],
+        0.18215,
+    );
 }
 
 #[test]
@@ -116,7 +122,10 @@ fn detection_and_stated_prediction() {
         },
     );
     let ckpt = Checkpoint::from_header(Path::new("x"), &marked, &HashMap::new()).unwrap();
-    assert_eq!(ckpt.prediction(None).unwrap(), (Prediction::V, "its v_pred tensor"));
+    assert_eq!(
+        ckpt.prediction(None).unwrap(),
+        (Prediction::V, "its v_pred tensor")
+    );
     // A UNet tensor nothing reads is an error naming it.
     let mut odd = layout("sd1");
     odd.insert(
