@@ -151,13 +151,26 @@ impl Precision {
 }
 
 /// A warning for a dtype that works but is a poor choice on `device`: f16 on the CPU, which has
-/// no fast kernels for it (about 4x slower than f32). `None` when the pair is fine.
+/// no fast kernels for it (about 4x slower than f32), and bf16 on a CPU without bf16
+/// instructions (the portable kernel). `None` when the pair is fine.
 pub fn dtype_advice(device: &Device, dtype: DType) -> Option<String> {
-    (device.is_cpu() && dtype == DType::F16).then(|| {
-        "dtype f16 on the CPU runs about 4x slower than f32 (the CPU kernels are f32 and bf16); \
-         use f32, or bf16 for half the memory (fastest on CPUs with AMX or AVX512-BF16)"
-            .to_string()
-    })
+    if !device.is_cpu() {
+        return None;
+    }
+    match dtype {
+        DType::F16 => Some(
+            "dtype f16 on the CPU runs about 4x slower than f32 (the CPU kernels are f32 and \
+             bf16); use f32, or bf16 for half the memory (fastest on CPUs with AMX or \
+             AVX512-BF16)"
+                .to_string(),
+        ),
+        DType::BF16 if crate::kernels::bf16::backend() == "portable" => Some(
+            "dtype bf16 on this CPU (no AVX512-BF16 or AMX) runs the portable bf16 kernel, many \
+             times slower than f32: use f32 unless memory is short"
+                .to_string(),
+        ),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
