@@ -17,6 +17,8 @@ use image::imageops::FilterType;
 use image::{GrayImage, RgbImage};
 
 use super::{Event, Sampling, StableDiffusion};
+
+mod fill;
 use crate::model::autoencoder::ImageEncoder;
 use crate::model::Weights;
 use crate::noise::NoiseSource;
@@ -27,12 +29,78 @@ use crate::{Error, Result, Setting};
 /// memory before its size is checked against the run's).
 const MAX_INPUT_PIXELS: u64 = 8192 * 8192;
 
+/// What the masked area of an inpainting run starts from: AUTOMATIC1111's "Masked content"
+/// (its API's `inpainting_fill`, numbered in this order).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum MaskedContent {
+    /// The picture's masked area painted with the blurred colours around it, then encoded.
+    Fill,
+    /// The picture as it is (diffusers' inpainting pipelines).
+    #[default]
+    Original,
+    /// The encoded picture replaced by the run's initial noise inside the mask.
+    LatentNoise,
+    /// The encoded picture replaced by zeros inside the mask.
+    LatentNothing,
+}
+
+impl MaskedContent {
+    /// Every kind, in AUTOMATIC1111's `inpainting_fill` order (0 to 3).
+    pub const ALL: [MaskedContent; 4] = [
+        MaskedContent::Fill,
+        MaskedContent::Original,
+        MaskedContent::LatentNoise,
+        MaskedContent::LatentNothing,
+    ];
+
+    /// The name AUTOMATIC1111 shows and writes in its infotexts ("latent noise").
+    pub fn a1111_name(self) -> &'static str {
+        match self {
+            MaskedContent::Fill => "fill",
+            MaskedContent::Original => "original",
+            MaskedContent::LatentNoise => "latent noise",
+            MaskedContent::LatentNothing => "latent nothing",
+        }
+    }
+
+    /// The kind of AUTOMATIC1111's `inpainting_fill` number.
+    pub fn from_a1111_index(index: usize) -> Option<MaskedContent> {
+        Self::ALL.get(index).copied()
+    }
+}
+
+/// Written as `fill`, `original`, `latent-noise` or `latent-nothing`.
+impl std::fmt::Display for MaskedContent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.a1111_name().replace(' ', "-"))
+    }
+}
+
+/// Reads the [`Display`](std::fmt::Display) names, and AUTOMATIC1111's (with a space).
+impl std::str::FromStr for MaskedContent {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let wanted = s.trim().to_ascii_lowercase().replace(' ', "-");
+        Self::ALL
+            .into_iter()
+            .find(|k| k.to_string() == wanted)
+            .ok_or_else(|| {
+                Error::InvalidInput(format!(
+                    "unknown masked content `{s}`; expected fill, original, latent-noise or \
+                     latent-nothing"
+                ))
+            })
+    }
+}
+
 /// The picture img2img starts from, an optional inpainting mask, and the strength.
 #[derive(Debug, Clone)]
 pub struct ImageInput {
     image: RgbImage,
     mask: Option<GrayImage>,
     strength: f64,
+    masked_content: MaskedContent,
     fingerprint: String,
 }
 
@@ -53,8 +121,30 @@ impl ImageInput {
             image,
             mask,
             strength,
+            masked_content: MaskedContent::Original,
             fingerprint,
         }
+    }
+
+    /// The same input with the masked area starting from `content` (default
+    /// [`MaskedContent::Original`]); without a mask there is no masked area and it stays
+    /// `Original`.
+    pub fn with_masked_content(mut self, content: MaskedContent) -> Self {
+        if content != self.masked_content && self.mask.is_some() {
+            // Inputs that make other pictures have other fingerprints.
+            let pixels = self.fingerprint.get(..16).unwrap_or_default();
+            self.fingerprint = match content {
+                MaskedContent::Original => pixels.to_string(),
+                other => format!("{pixels}-{other}"),
+            };
+            self.masked_content = content;
+        }
+        self
+    }
+
+    /// What the masked area starts from.
+    pub fn masked_content(&self) -> MaskedContent {
+        self.masked_content
     }
 
     /// The init image.
@@ -72,15 +162,17 @@ impl ImageInput {
         self.strength
     }
 
-    /// A short hash of the pixels of image and mask (not the strength), which tells inputs
-    /// apart in batch keys and manifests.
+    /// A short hash of the pixels of image and mask (not the strength), with the masked
+    /// content when it is not the original, which tells inputs apart in batch keys and
+    /// manifests.
     pub fn fingerprint(&self) -> &str {
         &self.fingerprint
     }
 
-    /// Whether two inputs make the same pictures (same pixels and strength).
+    /// Whether two inputs make the same pictures (same pixels, strength and masked content).
     pub fn same(&self, other: &ImageInput) -> bool {
         self.strength.to_bits() == other.strength.to_bits()
+            && self.masked_content == other.masked_content
             && self.image == other.image
             && self.mask == other.mask
     }
@@ -220,6 +312,27 @@ fn mask_latents(mask: &Tensor, f: usize) -> Result<Tensor> {
     let dev = mask.device();
     let m = mask.index_select(&Tensor::new(rows.as_slice(), dev)?, 2)?;
     Ok(m.index_select(&Tensor::new(cols.as_slice(), dev)?, 3)?)
+}
+
+/// The encoded picture `init` with the masked area (`mask`, 1 inside, `keep` = 1 − mask, at
+/// latent size) as `content` asks: AUTOMATIC1111's "latent noise" puts the run's initial
+/// noise `fresh` there (its noise comes from the image's seed, as the initial noise does),
+/// "latent nothing" zeros; the others keep the latents.
+fn masked_latent_content(
+    init: Tensor,
+    content: MaskedContent,
+    fresh: &Tensor,
+    mask: &Tensor,
+    keep: &Tensor,
+) -> Result<Tensor> {
+    let dtype = init.dtype();
+    let keep = keep.to_dtype(dtype)?;
+    Ok(match content {
+        MaskedContent::LatentNoise => (init.broadcast_mul(&keep)?
+            + fresh.to_dtype(dtype)?.broadcast_mul(&mask.to_dtype(dtype)?)?)?,
+        MaskedContent::LatentNothing => init.broadcast_mul(&keep)?,
+        MaskedContent::Fill | MaskedContent::Original => init,
+    })
 }
 
 impl StableDiffusion {
@@ -374,7 +487,12 @@ impl StableDiffusion {
         let encoder = self.image_encoder(on_event)?;
         let dev = &self.device;
         let act = self.vae_act_dtype();
-        let image = image_tensor(&fit(&input.image, s.width, s.height), dev)?;
+        let pixels = fit(&input.image, s.width, s.height);
+        let pixels = match (&input.mask, input.masked_content) {
+            (Some(mask), MaskedContent::Fill) => fill::fill(&pixels, &fit(mask, s.width, s.height)),
+            _ => pixels,
+        };
+        let image = image_tensor(&pixels, dev)?;
         let encode = |pixels: &Tensor, noise: &mut dyn NoiseSource| -> Result<Tensor> {
             let batch = pixels.repeat((b, 1, 1, 1))?.to_dtype(act)?;
             encoder.encode(&batch, noise)
@@ -395,14 +513,24 @@ impl StableDiffusion {
             None
         };
         let fresh = noise.randn(&shape, dev)?;
+        let mask_small = mask_latents(&mask, f)?.repeat((b, 1, 1, 1))?;
+        let keep = mask_small.affine(-1.0, 1.0)?;
+        let image_latents = match image_latents {
+            Some(init) => Some(masked_latent_content(
+                init,
+                input.masked_content,
+                &fresh,
+                &mask_small,
+                &keep,
+            )?),
+            None => None,
+        };
         let latents = match (&image_latents, full) {
             (Some(init), false) => scheduler.add_noise(init, &fresh, start)?,
             _ => (&fresh * scheduler.init_noise_sigma())?,
         };
         let masked = image.broadcast_mul(&mask.affine(-1.0, 1.0)?)?;
         let masked_latents = encode(&masked, noise)?;
-        let mask_small = mask_latents(&mask, f)?.repeat((b, 1, 1, 1))?;
-        let keep = mask_small.affine(-1.0, 1.0)?;
         let inpaint = if legacy {
             Inpaint {
                 mask: mask_small,
@@ -420,5 +548,63 @@ impl StableDiffusion {
             }
         };
         Ok((latents, Some(inpaint)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masked_latents_take_noise_zeros_or_stay() {
+        let dev = Device::Cpu;
+        let init = Tensor::full(2f32, (1, 2, 2, 2), &dev).unwrap();
+        let fresh = Tensor::full(-5f32, (1, 2, 2, 2), &dev).unwrap();
+        // The right column is masked.
+        let mask = Tensor::new(&[[[[0f32, 1.], [0., 1.]]]], &dev).unwrap();
+        let keep = mask.affine(-1.0, 1.0).unwrap();
+        let run = |content| {
+            masked_latent_content(init.clone(), content, &fresh, &mask, &keep)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        let row = |kept: f32, masked: f32| [kept, masked].repeat(4);
+        assert_eq!(run(MaskedContent::LatentNoise), row(2.0, -5.0));
+        assert_eq!(run(MaskedContent::LatentNothing), row(2.0, 0.0));
+        assert_eq!(run(MaskedContent::Original), row(2.0, 2.0));
+        assert_eq!(run(MaskedContent::Fill), row(2.0, 2.0), "fill works on pixels");
+    }
+
+    #[test]
+    fn masked_content_names_and_numbers() {
+        for (i, k) in MaskedContent::ALL.into_iter().enumerate() {
+            assert_eq!(MaskedContent::from_a1111_index(i), Some(k));
+            assert_eq!(k.to_string().parse::<MaskedContent>().unwrap(), k);
+            assert_eq!(k.a1111_name().parse::<MaskedContent>().unwrap(), k);
+        }
+        assert_eq!(MaskedContent::from_a1111_index(4), None);
+        assert_eq!(MaskedContent::default(), MaskedContent::Original);
+        assert!("blur".parse::<MaskedContent>().is_err());
+        assert_eq!(MaskedContent::LatentNoise.to_string(), "latent-noise");
+    }
+
+    #[test]
+    fn masked_content_tells_inputs_apart_only_with_a_mask() {
+        let img = RgbImage::new(8, 8);
+        let mask = Some(GrayImage::new(8, 8));
+        let a = ImageInput::new(img.clone(), mask.clone(), 0.5);
+        let b = a.clone().with_masked_content(MaskedContent::Fill);
+        assert!(!a.same(&b));
+        assert_ne!(a.fingerprint(), b.fingerprint());
+        let plain = ImageInput::new(img, None, 0.5);
+        let plain_fill = plain.clone().with_masked_content(MaskedContent::Fill);
+        assert_eq!(plain_fill.masked_content(), MaskedContent::Original);
+        assert!(plain.same(&plain_fill));
+        assert_eq!(plain.fingerprint(), plain_fill.fingerprint());
+        let back = b.with_masked_content(MaskedContent::Original);
+        assert!(a.same(&back) && a.fingerprint() == back.fingerprint());
     }
 }
