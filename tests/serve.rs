@@ -562,6 +562,10 @@ fn bad_img2img_requests_get_422_naming_the_field() {
             "denoising_strength",
         ),
         (
+            json!({"prompt": "a cat", "init_images": [init.clone()], "inpainting_fill": 4}),
+            "inpainting_fill",
+        ),
+        (
             json!({"prompt": "a cat", "init_images": [init.clone()], "denoising_strength": 0.01, "steps": 4}),
             "denoising_strength",
         ),
@@ -671,7 +675,15 @@ fn inpainting_fill_modes_make_other_pictures_and_are_recorded() {
             .current_dir(dir.path())
             .env_remove("LATENT_MODEL")
             .args(["generate", "a photo of a cat", "--quiet", "--model", &tiny])
-            .args(["--seed", "11", "--steps", "6", "--guidance", "7", "--scheduler"])
+            .args([
+                "--seed",
+                "11",
+                "--steps",
+                "6",
+                "--guidance",
+                "7",
+                "--scheduler",
+            ])
             .args(["euler", "--strength", "0.7", "--masked-content", flag])
             .arg("--init-image")
             .arg(fixtures().join("img2img/init.png"))

@@ -187,7 +187,11 @@ fn open_webui_lists_switches_and_generates_with_basic_auth() {
     assert_eq!(info["scheduler"], "Karras");
     assert_eq!(info["negative_prompt"], "blurry");
     assert_eq!(info["infotexts"].as_array().unwrap().len(), 2);
-    assert_eq!(info["ignored_fields"], json!([]), "nothing it sends is ignored");
+    assert_eq!(
+        info["ignored_fields"],
+        json!([]),
+        "nothing it sends is ignored"
+    );
 }
 
 #[test]
@@ -432,13 +436,18 @@ fn sillytavern_loads_lists_switches_generates_and_aborts() {
         "only what AUTOMATIC1111 does not know either"
     );
     // Relative to the server's working folder.
-    let saved = dir.path().join(i["saved_to"].as_str().expect("save_images saves"));
+    let saved = dir
+        .path()
+        .join(i["saved_to"].as_str().expect("save_images saves"));
     assert!(saved.is_dir(), "{}", saved.display());
 
     // SillyTavern's own default schedule type, "normal", and a random seed.
     let data = st.generate(&st.body("a castle on a hill", "Euler a", "normal", 3, -1));
     assert_eq!(first_image(&data).0.len(), 64 * 64 * 3);
-    assert_eq!(info(&data)["ignored_fields"], json!(["auth", "clip_skip", "scheduler", "url"]));
+    assert_eq!(
+        info(&data)["ignored_fields"],
+        json!(["auth", "clip_skip", "scheduler", "url"])
+    );
 
     // The user aborts a long generation.
     let long = st.body("a castle on a hill", "Euler", "automatic", 1000, 9);

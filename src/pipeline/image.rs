@@ -328,8 +328,12 @@ fn masked_latent_content(
     let dtype = init.dtype();
     let keep = keep.to_dtype(dtype)?;
     Ok(match content {
-        MaskedContent::LatentNoise => (init.broadcast_mul(&keep)?
-            + fresh.to_dtype(dtype)?.broadcast_mul(&mask.to_dtype(dtype)?)?)?,
+        MaskedContent::LatentNoise => {
+            (init.broadcast_mul(&keep)?
+                + fresh
+                    .to_dtype(dtype)?
+                    .broadcast_mul(&mask.to_dtype(dtype)?)?)?
+        }
         MaskedContent::LatentNothing => init.broadcast_mul(&keep)?,
         MaskedContent::Fill | MaskedContent::Original => init,
     })
@@ -575,7 +579,11 @@ mod tests {
         assert_eq!(run(MaskedContent::LatentNoise), row(2.0, -5.0));
         assert_eq!(run(MaskedContent::LatentNothing), row(2.0, 0.0));
         assert_eq!(run(MaskedContent::Original), row(2.0, 2.0));
-        assert_eq!(run(MaskedContent::Fill), row(2.0, 2.0), "fill works on pixels");
+        assert_eq!(
+            run(MaskedContent::Fill),
+            row(2.0, 2.0),
+            "fill works on pixels"
+        );
     }
 
     #[test]

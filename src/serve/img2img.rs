@@ -149,9 +149,8 @@ pub fn parse_img2img(body: &[u8]) -> Result<Txt2Img, Vec<Detail>> {
     let mut req = parse_generation(f, parameters)?;
     req.ignored.extend(ignored);
     req.ignored.sort();
-    req.image = init.map(|img| {
-        Arc::new(ImageInput::new(img, mask, strength).with_masked_content(content))
-    });
+    req.image =
+        init.map(|img| Arc::new(ImageInput::new(img, mask, strength).with_masked_content(content)));
     Ok(req)
 }
 
@@ -260,7 +259,11 @@ mod tests {
         let image = r.image.unwrap();
         assert!(image.mask().unwrap().pixels().all(|p| p.0[0] == 0));
         assert_eq!(image.strength(), 0.75);
-        assert_eq!(image.masked_content(), MaskedContent::Fill, "A1111's default");
+        assert_eq!(
+            image.masked_content(),
+            MaskedContent::Fill,
+            "A1111's default"
+        );
         assert!(r.ignored.is_empty(), "{:?}", r.ignored);
     }
 }

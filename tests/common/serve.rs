@@ -213,4 +213,3 @@ pub fn fixture_b64(name: &str) -> String {
     let bytes = std::fs::read(fixtures().join("img2img").join(name)).unwrap();
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
-
