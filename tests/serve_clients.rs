@@ -346,6 +346,13 @@ impl SillyTavern<'_> {
     /// `/generate`: POST the body to txt2img and hand back the answer, of which the page reads
     /// `images[0]` as a PNG.
     fn generate(&self, body: &Value) -> Value {
+        // Releases after 1.12.6 first GET options to tell Forge apart (by its `forge_preset`
+        // key) and drop Forge-only overrides otherwise.
+        assert!(!self
+            .get_ok("/sdapi/v1/options")
+            .as_object()
+            .unwrap()
+            .contains_key("forge_preset"));
         let (status, data) = reply(
             ureq::post(&self.server.url("/sdapi/v1/txt2img"))
                 .set("Content-Type", "application/json")
