@@ -477,6 +477,9 @@ fn sillytavern_loads_lists_switches_generates_and_aborts() {
     // And the next picture comes as before: the first one again.
     assert!(st.ping());
     let data = st.generate(&body);
-    assert!(first_image(&data).0 == pixels, "the same picture as before the abort");
+    assert!(
+        first_image(&data).0 == pixels,
+        "the same picture as before the abort"
+    );
     assert!(!server.log().contains("panicked"), "{}", server.log());
 }
