@@ -7,6 +7,7 @@ use clap::{Args, Parser, Subcommand};
 
 use latent::device::{DeviceSpec, Precision};
 use latent::noise::RngKind;
+use latent::pipeline::MaskedContent;
 use latent::schedulers::SchedulerKind;
 use latent::{Error, Setting};
 
@@ -244,6 +245,16 @@ pub struct GenerateArgs {
     /// need it.
     #[arg(long, value_name = "FILE", requires = "init_image")]
     pub mask: Option<PathBuf>,
+    /// Inpainting: what the masked area starts from (AUTOMATIC1111's "Masked content"): the
+    /// picture as it is (original, diffusers' way), the colours around the mask blurred into
+    /// it (fill), the initial noise (latent-noise) or zeros (latent-nothing) in the latents.
+    #[arg(
+        long,
+        value_name = "fill|original|latent-noise|latent-nothing",
+        default_value = "original",
+        requires = "mask"
+    )]
+    pub masked_content: MaskedContent,
     /// Output PNG file, or folder (default: outputs/).
     #[arg(short, long)]
     pub output: Option<PathBuf>,

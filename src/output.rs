@@ -535,7 +535,8 @@ fn next_index<'a>(names: impl Iterator<Item = &'a str>) -> u64 {
 impl GenerationParams {
     /// The metadata of one image made by `model`: prompt, negative prompt, sampling settings,
     /// seed, and after AUTOMATIC1111's standard keys the VAE when replaced (A1111's `VAE` key),
-    /// img2img's `Denoising strength`, SDXL's size conditioning when set, the noise generator (`RNG`, as A1111) and the dtype
+    /// img2img's `Denoising strength` (and inpainting's `Masked content` when not the
+    /// original), SDXL's size conditioning when set, the noise generator (`RNG`, as A1111) and the dtype
     /// the model ran in (`Precision: f32`, `f16` or `bf16`; A1111 has no such key, since its
     /// precision is a global setting, but here the same settings in another dtype give other
     /// pixels).
@@ -553,6 +554,11 @@ impl GenerationParams {
         // img2img and inpainting: A1111's key; the picture itself is not recorded (as A1111).
         if let Some(image) = &s.image {
             extra.push(("Denoising strength".into(), image.strength().to_string()));
+            // A1111 writes the masked content when it is not the original picture.
+            let content = image.masked_content();
+            if image.mask().is_some() && content != crate::pipeline::MaskedContent::Original {
+                extra.push(("Masked content".into(), content.a1111_name().to_string()));
+            }
         }
         // Only SDXL models accept size conditioning (`check_inputs`), so set sizes are theirs.
         let c = &s.size_conditioning;

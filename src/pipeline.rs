@@ -27,7 +27,7 @@ mod image;
 mod loras;
 mod parts;
 mod prompts;
-pub use image::{decode_image, mask_luma, read_image, ImageInput};
+pub use image::{decode_image, mask_luma, read_image, ImageInput, MaskedContent};
 pub use loras::LoraSettings;
 
 /// Something the pipeline reports while it works; the library never prints.

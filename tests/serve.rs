@@ -2,199 +2,20 @@
 //! AUTOMATIC1111's clients speak: txt2img equal to `latent generate`, saving with a manifest,
 //! model switches through options, progress with previews, interrupt, a client that leaves,
 //! Ctrl-C, and every kind of bad request answered with its status while the server goes on.
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::path::PathBuf;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
 use serde_json::{json, Value};
 
 mod common;
+use common::serve::{
+    b64, fixture_b64, in_background, info, long_request, model, png, reply, Server,
+};
 use common::{fixtures, stderr};
-
-/// A running `latent serve` and everything it printed on stderr.
-struct Server {
-    child: Child,
-    base: String,
-    log: Arc<Mutex<Vec<String>>>,
-}
-
-impl Server {
-    /// Starts `latent serve --listen 127.0.0.1:0 ARGS` in `dir` and waits for its address.
-    fn start(dir: &Path, args: &[&str]) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_latent"))
-            .current_dir(dir)
-            .arg("serve")
-            .args(["--listen", "127.0.0.1:0"])
-            .args(args)
-            .env_remove("LATENT_MODEL")
-            .env_remove("LATENT_API_AUTH")
-            .env("LATENT_CACHE_DIR", dir.join("cache"))
-            .env("HF_HUB_OFFLINE", "1")
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start latent serve");
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let stream = child.stderr.take().unwrap();
-        let lines = Arc::clone(&log);
-        std::thread::spawn(move || {
-            for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                if let Some(rest) = line.split("listening on http://").nth(1) {
-                    let address = rest.split('/').next().unwrap_or_default().to_string();
-                    let _ = tx.send(address);
-                }
-                lines.lock().unwrap().push(line);
-            }
-        });
-        let address = rx
-            .recv_timeout(Duration::from_secs(120))
-            .unwrap_or_else(|_| panic!("server did not start: {:?}", log.lock().unwrap()));
-        Server {
-            child,
-            base: format!("http://{address}"),
-            log,
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-
-    fn address(&self) -> String {
-        self.base.trim_start_matches("http://").to_string()
-    }
-
-    /// GET `path`: (status, JSON body).
-    fn get(&self, path: &str) -> (u16, Value) {
-        reply(ureq::get(&self.url(path)).call())
-    }
-
-    /// POST `body` (any text) to `path`: (status, JSON body).
-    fn post(&self, path: &str, body: &str) -> (u16, Value) {
-        reply(
-            ureq::post(&self.url(path))
-                .set("Content-Type", "application/json")
-                .send_string(body),
-        )
-    }
-
-    fn post_json(&self, path: &str, body: &Value) -> (u16, Value) {
-        self.post(path, &body.to_string())
-    }
-
-    /// Polls `/progress` until `done` holds (or fails after `secs`).
-    fn wait_progress(&self, secs: u64, done: impl Fn(&Value) -> bool) -> Value {
-        let start = Instant::now();
-        loop {
-            let (status, p) = self.get("/sdapi/v1/progress");
-            assert_eq!(status, 200);
-            if done(&p) {
-                return p;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(secs),
-                "progress never got there: {p}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn log(&self) -> String {
-        self.log.lock().unwrap().join("\n")
-    }
-
-    /// Sends SIGINT (Ctrl-C) and waits for the exit.
-    #[cfg(unix)]
-    fn interrupt_and_wait(&mut self, secs: u64) -> std::process::ExitStatus {
-        // SAFETY: signalling our own child by its id.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
-        let start = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(secs),
-                "the server did not stop after Ctrl-C: {}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn reply(r: Result<ureq::Response, ureq::Error>) -> (u16, Value) {
-    let response = match r {
-        Ok(r) => r,
-        Err(ureq::Error::Status(_, r)) => r,
-        Err(e) => panic!("request failed: {e}"),
-    };
-    let status = response.status();
-    let text = response.into_string().unwrap();
-    let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
-    (status, value)
-}
-
-fn model(name: &str) -> String {
-    fixtures().join(name).display().to_string()
-}
-
-fn b64(text: &str) -> Vec<u8> {
-    base64::engine::general_purpose::STANDARD
-        .decode(text)
-        .expect("base64 image")
-}
-
-/// The `info` string of an answer, parsed.
-fn info(answer: &Value) -> Value {
-    serde_json::from_str(answer["info"].as_str().expect("info is a string")).unwrap()
-}
-
-/// Pixels and `parameters` text of a PNG.
-fn png(bytes: &[u8]) -> (Vec<u8>, String) {
-    let decoder = png::Decoder::new(std::io::Cursor::new(bytes));
-    let mut reader = decoder.read_info().unwrap();
-    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
-    let frame = reader.next_frame(&mut buf).unwrap();
-    buf.truncate(frame.buffer_size());
-    let text = reader
-        .info()
-        .uncompressed_latin1_text
-        .iter()
-        .find(|t| t.keyword == "parameters")
-        .map(|t| t.text.clone())
-        .unwrap_or_default();
-    (buf, text)
-}
-
-/// A request that keeps the worker busy for a long while (until interrupted).
-fn long_request() -> Value {
-    json!({"prompt": "a red square", "steps": 1000, "n_iter": 50, "seed": 3, "sampler_name": "Euler"})
-}
-
-/// Starts `body` in a thread; its answer comes back through the handle.
-fn in_background(server: &Server, body: Value) -> std::thread::JoinHandle<(u16, Value)> {
-    let url = server.url("/sdapi/v1/txt2img");
-    std::thread::spawn(move || {
-        reply(
-            ureq::post(&url)
-                .set("Content-Type", "application/json")
-                .send_string(&body.to_string()),
-        )
-    })
-}
 
 #[test]
 fn txt2img_answers_what_generate_makes_and_saves_with_a_manifest() {
@@ -453,7 +274,7 @@ fn bad_requests_get_422_naming_the_field_and_the_server_goes_on() {
             &["sampler_name"],
         ),
         (
-            r#"{"prompt": "a cat", "scheduler": "Exponential"}"#,
+            r#"{"prompt": "a cat", "scheduler": "Exponentional"}"#,
             &["scheduler"],
         ),
         (
@@ -654,12 +475,6 @@ fn lists_and_the_page() {
     );
 }
 
-/// A fixture picture as base64.
-fn fixture_b64(name: &str) -> String {
-    let bytes = std::fs::read(fixtures().join("img2img").join(name)).unwrap();
-    base64::engine::general_purpose::STANDARD.encode(bytes)
-}
-
 #[test]
 fn img2img_and_inpainting_answer_what_generate_makes() {
     let dir = tempfile::tempdir().unwrap();
@@ -747,6 +562,10 @@ fn bad_img2img_requests_get_422_naming_the_field() {
             "denoising_strength",
         ),
         (
+            json!({"prompt": "a cat", "init_images": [init.clone()], "inpainting_fill": 4}),
+            "inpainting_fill",
+        ),
+        (
             json!({"prompt": "a cat", "init_images": [init.clone()], "denoising_strength": 0.01, "steps": 4}),
             "denoising_strength",
         ),
@@ -794,4 +613,89 @@ fn loras_lists_the_lora_folder() {
     want.sort();
     assert!(!want.is_empty());
     assert_eq!(names, want);
+}
+
+#[test]
+fn inpainting_fill_modes_make_other_pictures_and_are_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = model("tiny-sd1");
+    let server = Server::start(dir.path(), &["--model", &tiny]);
+    let inpaint = |fill: Option<u8>, blur: u8| {
+        let mut request = json!({
+            "prompt": "a photo of a cat",
+            "seed": 11,
+            "steps": 6,
+            "sampler_name": "Euler",
+            "denoising_strength": 0.7,
+            "init_images": [fixture_b64("init.png")],
+            "mask": fixture_b64("mask.png"),
+            "mask_blur": blur,
+        });
+        if let Some(n) = fill {
+            request["inpainting_fill"] = json!(n);
+        }
+        let (status, answer) = server.post_json("/sdapi/v1/img2img", &request);
+        assert_eq!(status, 200, "{answer}");
+        assert_eq!(info(&answer)["ignored_fields"], json!([]));
+        png(&b64(answer["images"][0].as_str().unwrap()))
+    };
+    let names = [
+        Some("fill"),
+        None,
+        Some("latent noise"),
+        Some("latent nothing"),
+    ];
+    let mut pictures = Vec::new();
+    for (n, name) in names.iter().enumerate() {
+        let (pixels, text) = inpaint(Some(n as u8), 4);
+        match name {
+            Some(name) => assert!(
+                text.contains(&format!("Denoising strength: 0.7, Masked content: {name},")),
+                "{text}"
+            ),
+            None => assert!(!text.contains("Masked content"), "{text}"),
+        }
+        assert!(
+            !pictures.contains(&pixels),
+            "inpainting_fill {n} makes its own picture"
+        );
+        pictures.push(pixels);
+    }
+    assert_eq!(
+        inpaint(None, 4).0,
+        pictures[0],
+        "AUTOMATIC1111's default is 0, fill"
+    );
+
+    // The CLI's --masked-content runs the same (without a mask blur, which it does not have).
+    for (n, flag) in [(0, "fill"), (2, "latent-noise"), (3, "latent-nothing")] {
+        let (pixels, text) = inpaint(Some(n), 0);
+        let out = dir.path().join(format!("{flag}.png"));
+        let generated = Command::new(env!("CARGO_BIN_EXE_latent"))
+            .current_dir(dir.path())
+            .env_remove("LATENT_MODEL")
+            .args(["generate", "a photo of a cat", "--quiet", "--model", &tiny])
+            .args([
+                "--seed",
+                "11",
+                "--steps",
+                "6",
+                "--guidance",
+                "7",
+                "--scheduler",
+            ])
+            .args(["euler", "--strength", "0.7", "--masked-content", flag])
+            .arg("--init-image")
+            .arg(fixtures().join("img2img/init.png"))
+            .arg("--mask")
+            .arg(fixtures().join("img2img/mask.png"))
+            .arg("-o")
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(generated.status.success(), "{}", stderr(&generated));
+        let (alone, alone_text) = png(&std::fs::read(&out).unwrap());
+        assert_eq!(text, alone_text, "{flag}");
+        assert!(pixels == alone, "{flag}: the server's picture is the CLI's");
+    }
 }

@@ -60,7 +60,7 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
         let strength = args
             .strength
             .unwrap_or(if mask.is_some() { 1.0 } else { 0.8 });
-        let input = ImageInput::new(image, mask, strength);
+        let input = ImageInput::new(image, mask, strength).with_masked_content(args.masked_content);
         let (w, h) = model.default_size_for(Some(&input));
         sampling.width = args.sampling.width.unwrap_or(w);
         sampling.height = args.sampling.height.unwrap_or(h);

@@ -7,7 +7,8 @@
 //! encoded image is noised to the first of them and denoised from there. Inpainting with a
 //! 4-channel UNet ("legacy" inpainting) blends the image back outside the mask after every
 //! step, noised to the next step's level; a 9-channel inpainting UNet reads the mask and the
-//! encoded masked image beside the latents instead.
+//! encoded masked image beside the latents instead. What the masked area starts from follows
+//! AUTOMATIC1111's "Masked content" ([`MaskedContent`]; diffusers' way is `Original`).
 use std::hash::{Hash, Hasher};
 use std::path::Path;
 use std::sync::Arc;
@@ -23,6 +24,11 @@ use crate::noise::NoiseSource;
 use crate::schedulers::Scheduler;
 use crate::{Error, Result, Setting};
 
+mod fill;
+mod masked_content;
+use masked_content::masked_latent_content;
+pub use masked_content::MaskedContent;
+
 /// Largest init image or mask file read, in pixels (decoding a bigger one could take all
 /// memory before its size is checked against the run's).
 const MAX_INPUT_PIXELS: u64 = 8192 * 8192;
@@ -33,6 +39,7 @@ pub struct ImageInput {
     image: RgbImage,
     mask: Option<GrayImage>,
     strength: f64,
+    masked_content: MaskedContent,
     fingerprint: String,
 }
 
@@ -53,8 +60,30 @@ impl ImageInput {
             image,
             mask,
             strength,
+            masked_content: MaskedContent::Original,
             fingerprint,
         }
+    }
+
+    /// The same input with the masked area starting from `content` (default
+    /// [`MaskedContent::Original`]); without a mask there is no masked area and it stays
+    /// `Original`.
+    pub fn with_masked_content(mut self, content: MaskedContent) -> Self {
+        if content != self.masked_content && self.mask.is_some() {
+            // Inputs that make other pictures have other fingerprints.
+            let pixels = self.fingerprint.get(..16).unwrap_or_default();
+            self.fingerprint = match content {
+                MaskedContent::Original => pixels.to_string(),
+                other => format!("{pixels}-{other}"),
+            };
+            self.masked_content = content;
+        }
+        self
+    }
+
+    /// What the masked area starts from.
+    pub fn masked_content(&self) -> MaskedContent {
+        self.masked_content
     }
 
     /// The init image.
@@ -72,15 +101,17 @@ impl ImageInput {
         self.strength
     }
 
-    /// A short hash of the pixels of image and mask (not the strength), which tells inputs
-    /// apart in batch keys and manifests.
+    /// A short hash of the pixels of image and mask (not the strength), with the masked
+    /// content when it is not the original, which tells inputs apart in batch keys and
+    /// manifests.
     pub fn fingerprint(&self) -> &str {
         &self.fingerprint
     }
 
-    /// Whether two inputs make the same pictures (same pixels and strength).
+    /// Whether two inputs make the same pictures (same pixels, strength and masked content).
     pub fn same(&self, other: &ImageInput) -> bool {
         self.strength.to_bits() == other.strength.to_bits()
+            && self.masked_content == other.masked_content
             && self.image == other.image
             && self.mask == other.mask
     }
@@ -374,7 +405,12 @@ impl StableDiffusion {
         let encoder = self.image_encoder(on_event)?;
         let dev = &self.device;
         let act = self.vae_act_dtype();
-        let image = image_tensor(&fit(&input.image, s.width, s.height), dev)?;
+        let pixels = fit(&input.image, s.width, s.height);
+        let pixels = match (&input.mask, input.masked_content) {
+            (Some(mask), MaskedContent::Fill) => fill::fill(&pixels, &fit(mask, s.width, s.height)),
+            _ => pixels,
+        };
+        let image = image_tensor(&pixels, dev)?;
         let encode = |pixels: &Tensor, noise: &mut dyn NoiseSource| -> Result<Tensor> {
             let batch = pixels.repeat((b, 1, 1, 1))?.to_dtype(act)?;
             encoder.encode(&batch, noise)
@@ -395,14 +431,24 @@ impl StableDiffusion {
             None
         };
         let fresh = noise.randn(&shape, dev)?;
+        let mask_small = mask_latents(&mask, f)?.repeat((b, 1, 1, 1))?;
+        let keep = mask_small.affine(-1.0, 1.0)?;
+        let image_latents = match image_latents {
+            Some(init) => Some(masked_latent_content(
+                init,
+                input.masked_content,
+                &fresh,
+                &mask_small,
+                &keep,
+            )?),
+            None => None,
+        };
         let latents = match (&image_latents, full) {
             (Some(init), false) => scheduler.add_noise(init, &fresh, start)?,
             _ => (&fresh * scheduler.init_noise_sigma())?,
         };
         let masked = image.broadcast_mul(&mask.affine(-1.0, 1.0)?)?;
         let masked_latents = encode(&masked, noise)?;
-        let mask_small = mask_latents(&mask, f)?.repeat((b, 1, 1, 1))?;
-        let keep = mask_small.affine(-1.0, 1.0)?;
         let inpaint = if legacy {
             Inpaint {
                 mask: mask_small,
@@ -420,5 +466,27 @@ impl StableDiffusion {
             }
         };
         Ok((latents, Some(inpaint)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masked_content_tells_inputs_apart_only_with_a_mask() {
+        let img = RgbImage::new(8, 8);
+        let mask = Some(GrayImage::new(8, 8));
+        let a = ImageInput::new(img.clone(), mask.clone(), 0.5);
+        let b = a.clone().with_masked_content(MaskedContent::Fill);
+        assert!(!a.same(&b));
+        assert_ne!(a.fingerprint(), b.fingerprint());
+        let plain = ImageInput::new(img, None, 0.5);
+        let plain_fill = plain.clone().with_masked_content(MaskedContent::Fill);
+        assert_eq!(plain_fill.masked_content(), MaskedContent::Original);
+        assert!(plain.same(&plain_fill));
+        assert_eq!(plain.fingerprint(), plain_fill.fingerprint());
+        let back = b.with_masked_content(MaskedContent::Original);
+        assert!(a.same(&back) && a.fingerprint() == back.fingerprint());
     }
 }

@@ -9,7 +9,7 @@ use serde_json::{Map, Value};
 
 use super::api::Detail;
 use super::request::{parse_generation, txt2img_defaults, Fields, Txt2Img};
-use crate::pipeline::{decode_image, mask_luma, ImageInput};
+use crate::pipeline::{decode_image, mask_luma, ImageInput, MaskedContent};
 use crate::Setting;
 
 /// Largest `mask_blur` accepted (pixels of standard deviation; AUTOMATIC1111's slider ends at 64).
@@ -65,7 +65,8 @@ fn decode_field(
 /// Reads an img2img body: txt2img's fields, then `init_images` (required; the first picture is
 /// used), `mask` (inpainting; white is redrawn, the same size as the picture),
 /// `denoising_strength` (0.75), `mask_blur` (4, a Gaussian blur of the mask before it is split
-/// at one half) and `inpainting_mask_invert`.
+/// at one half), `inpainting_mask_invert` and `inpainting_fill` (what the masked area starts
+/// from, [`MaskedContent`] in AUTOMATIC1111's numbering; 0, "fill", by default).
 pub fn parse_img2img(body: &[u8]) -> Result<Txt2Img, Vec<Detail>> {
     let mut f = Fields::parse(body)?;
     let mut parameters = f.echo(img2img_defaults());
@@ -112,11 +113,11 @@ pub fn parse_img2img(body: &[u8]) -> Result<Txt2Img, Vec<Detail>> {
     f.int_in("mask_blur_y", 0, MAX_MASK_BLUR);
     let blur = blur.or(blur_x).unwrap_or(4);
     let invert = f.int_in("inpainting_mask_invert", 0, 1).unwrap_or(0) == 1;
-    // 1 ("original") is what runs: the masked area starts from the encoded picture. The other
-    // fills are reported as not applied.
-    if f.int_in("inpainting_fill", 0, 3).unwrap_or(0) != 1 && mask.is_some() {
-        ignored.push("inpainting_fill".to_string());
-    }
+    // AUTOMATIC1111's API default is 0, "fill".
+    let content = f
+        .int_in("inpainting_fill", 0, 3)
+        .and_then(|n| MaskedContent::from_a1111_index(n as usize))
+        .unwrap_or(MaskedContent::Fill);
     for key in [
         "resize_mode",
         "image_cfg_scale",
@@ -148,7 +149,8 @@ pub fn parse_img2img(body: &[u8]) -> Result<Txt2Img, Vec<Detail>> {
     let mut req = parse_generation(f, parameters)?;
     req.ignored.extend(ignored);
     req.ignored.sort();
-    req.image = init.map(|img| Arc::new(ImageInput::new(img, mask, strength)));
+    req.image =
+        init.map(|img| Arc::new(ImageInput::new(img, mask, strength).with_masked_content(content)));
     Ok(req)
 }
 
@@ -207,6 +209,7 @@ mod tests {
         let image = r.image.unwrap();
         assert_eq!(image.image().dimensions(), (16, 8));
         assert_eq!(image.strength(), 0.5);
+        assert_eq!(image.masked_content(), MaskedContent::Original);
         assert!(image.mask().unwrap().pixels().all(|p| p.0[0] == 255));
         assert_eq!(r.parameters["init_images"], Value::Null);
         assert!(r.ignored.is_empty(), "{:?}", r.ignored);
@@ -256,6 +259,11 @@ mod tests {
         let image = r.image.unwrap();
         assert!(image.mask().unwrap().pixels().all(|p| p.0[0] == 0));
         assert_eq!(image.strength(), 0.75);
-        assert_eq!(r.ignored, ["inpainting_fill"]);
+        assert_eq!(
+            image.masked_content(),
+            MaskedContent::Fill,
+            "A1111's default"
+        );
+        assert!(r.ignored.is_empty(), "{:?}", r.ignored);
     }
 }

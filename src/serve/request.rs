@@ -78,6 +78,27 @@ pub(super) fn txt2img_defaults() -> Map<String, Value> {
     }
 }
 
+/// AUTOMATIC1111's schedule types besides Automatic and Karras (`modules/sd_schedulers.py`,
+/// names and labels, lower case). It takes any of them, and clients send them: SillyTavern's
+/// default is "normal". latent runs the sampler's own schedule for them and reports the field;
+/// a name AUTOMATIC1111 does not know either is refused, as a likely typo.
+const A1111_SCHEDULES: &[&str] = &[
+    "uniform",
+    "exponential",
+    "polyexponential",
+    "sgm_uniform",
+    "sgm uniform",
+    "sgmuniform",
+    "kl_optimal",
+    "kl optimal",
+    "align_your_steps",
+    "align your steps",
+    "simple",
+    "normal",
+    "ddim",
+    "beta",
+];
+
 /// Fields AUTOMATIC1111 knows that change nothing here whatever their value (bookkeeping, or
 /// parts of the high-resolution pass, which `enable_hr` reports).
 const INERT: &[&str] = &[
@@ -372,10 +393,16 @@ pub(super) fn parse_generation(
         }
     }
     let schedule = f.string("scheduler");
+    let mut schedule_ignored = false;
     let karras = match schedule.as_deref().map(|s| s.trim().to_ascii_lowercase()) {
         None => None,
         Some(s) if s.is_empty() || s == "automatic" => None,
         Some(s) if s == "karras" => Some(true),
+        // A1111's other schedule types run as the sampler's own schedule, and are reported.
+        Some(s) if A1111_SCHEDULES.contains(&s.as_str()) => {
+            schedule_ignored = true;
+            None
+        }
         Some(_) => {
             f.invalid(
                 "scheduler",
@@ -421,6 +448,9 @@ pub(super) fn parse_generation(
     let send_images = f.bool("send_images").unwrap_or(true);
     let save_images = f.bool("save_images").unwrap_or(false);
     let mut ignored = Vec::new();
+    if schedule_ignored {
+        ignored.push("scheduler".to_string());
+    }
     let (mut model, mut clip_skip) = (None, None);
     if let Some(overrides) = f.object("override_settings") {
         let mut o = Fields::of(overrides, "override_settings");
@@ -629,6 +659,18 @@ mod tests {
         );
         let missing = errors.iter().find(|d| d.kind == "value_error.missing");
         assert_eq!(missing.map(|d| d.msg.as_str()), Some("field required"));
+    }
+
+    #[test]
+    fn a1111_schedule_types_latent_lacks_are_reported_not_refused() {
+        for name in ["normal", "SGM Uniform", "Exponential"] {
+            let body = json!({"prompt": "a cat", "sampler_name": "Euler", "scheduler": name});
+            let r = parse_txt2img(body.to_string().as_bytes()).unwrap();
+            assert_eq!(r.sampler, Some((SchedulerKind::Euler, false)), "{name}");
+            assert_eq!(r.ignored, ["scheduler"], "{name}");
+        }
+        let e = parse_txt2img(br#"{"prompt": "a cat", "scheduler": "karas"}"#).unwrap_err();
+        assert_eq!(fields_of(&e), ["scheduler"]);
     }
 
     #[test]

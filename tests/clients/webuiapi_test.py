@@ -78,7 +78,7 @@ def main(host, port, user, password):
     api.util_wait_for_ready(check_interval=0.1)
 
     # img2img from the picture made above, then inpainting with a mask (the client's defaults:
-    # Euler a, mask_blur 4, inpainting_fill 0, which latent runs as 1 and reports).
+    # Euler a, mask_blur 4, inpainting_fill 0: "fill", recorded as AUTOMATIC1111 records it).
     i2i = api.img2img(images=[again.image], prompt="a cat", steps=4, seed=5, width=64, height=64,
                       denoising_strength=0.6)
     assert len(i2i.images) == 1 and i2i.image.size == (64, 64)
@@ -89,7 +89,12 @@ def main(host, port, user, password):
     inp = api.img2img(images=[again.image], mask_image=mask, prompt="a cat", steps=4, seed=5,
                       width=64, height=64, denoising_strength=0.9)
     assert inp.image.size == (64, 64)
-    assert "inpainting_fill" in inp.info["ignored_fields"], inp.info["ignored_fields"]
+    assert "inpainting_fill" not in inp.info["ignored_fields"], inp.info["ignored_fields"]
+    assert "Masked content: fill" in inp.info["infotexts"][0], inp.info["infotexts"][0]
+    nothing = api.img2img(images=[again.image], mask_image=mask, prompt="a cat", steps=4, seed=5,
+                          width=64, height=64, denoising_strength=0.9, inpainting_fill=3)
+    assert "Masked content: latent nothing" in nothing.info["infotexts"][0], nothing.info
+    assert nothing.image.tobytes() != inp.image.tobytes(), "another start, another picture"
     # A mask of another size is refused, naming the field, and the server goes on.
     try:
         api.img2img(images=[again.image], mask_image=Image.new("L", (8, 8), 255), prompt="a cat",

@@ -2,6 +2,7 @@
 // Each test crate compiles its own copy and uses only some of these.
 #![allow(dead_code)]
 pub mod batch;
+pub mod serve;
 pub mod single_file;
 
 use std::path::{Path, PathBuf};
