@@ -55,7 +55,11 @@ fn the_png_records_the_dtype_and_f16_on_the_cpu_warns_once() {
     // bf16 warns only where it runs the portable kernel (no AVX512-BF16 or AMX).
     let bf16_warning = "warning: dtype bf16 on this CPU (no AVX512-BF16 or AMX)";
     let expected = usize::from(latent::kernels::bf16::backend() == "portable");
-    assert_eq!(bf16_err.matches(bf16_warning).count(), expected, "{bf16_err}");
+    assert_eq!(
+        bf16_err.matches(bf16_warning).count(),
+        expected,
+        "{bf16_err}"
+    );
 }
 
 #[test]
