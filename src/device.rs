@@ -165,8 +165,8 @@ pub fn dtype_advice(device: &Device, dtype: DType) -> Option<String> {
                 .to_string(),
         ),
         DType::BF16 if crate::kernels::bf16::backend() == "portable" => Some(
-            "dtype bf16 on this CPU (no AVX512-BF16 or AMX) runs the portable bf16 kernel, many \
-             times slower than f32: use f32 unless memory is short"
+            "dtype bf16 on this CPU (no AVX512-BF16 or AMX) runs the portable bf16 kernel, about twice as \
+             slow as f32: use f32 unless memory is short"
                 .to_string(),
         ),
         _ => None,

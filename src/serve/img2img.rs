@@ -118,11 +118,18 @@ pub fn parse_img2img(body: &[u8]) -> Result<Txt2Img, Vec<Detail>> {
         .int_in("inpainting_fill", 0, 3)
         .and_then(|n| MaskedContent::from_a1111_index(n as usize))
         .unwrap_or(MaskedContent::Fill);
+    // "Only masked" (AUTOMATIC1111's default): inpaint a crop around the mask at full size and
+    // paste it back. latent inpaints the whole picture, and says so when a mask is given.
+    let only_masked = match f.value("inpaint_full_res") {
+        None | Some(Value::Null) => true,
+        Some(Value::Bool(b)) => b,
+        Some(Value::Number(n)) => n.as_f64() != Some(0.0),
+        Some(_) => true,
+    };
     for key in [
         "resize_mode",
         "image_cfg_scale",
         "mask_round",
-        "inpaint_full_res",
         "inpaint_full_res_padding",
         "initial_noise_multiplier",
         "latent_mask",
@@ -146,6 +153,9 @@ pub fn parse_img2img(body: &[u8]) -> Result<Txt2Img, Vec<Detail>> {
         }
         (_, m) => m.map(|m| prepare_mask(&mask_luma(&m), blur as f32, invert)),
     };
+    if only_masked && mask.is_some() {
+        ignored.push("inpaint_full_res".to_string());
+    }
     let mut req = parse_generation(f, parameters)?;
     req.ignored.extend(ignored);
     req.ignored.sort();
@@ -204,6 +214,7 @@ mod tests {
             "denoising_strength": 0.5,
             "mask_blur": 0,
             "inpainting_fill": 1,
+            "inpaint_full_res": false,
         });
         let r = parse_img2img(body.to_string().as_bytes()).unwrap();
         let image = r.image.unwrap();
@@ -264,6 +275,7 @@ mod tests {
             MaskedContent::Fill,
             "A1111's default"
         );
-        assert!(r.ignored.is_empty(), "{:?}", r.ignored);
+        // AUTOMATIC1111's default "only masked" inpainting is not done: the answer says so.
+        assert_eq!(r.ignored, ["inpaint_full_res"]);
     }
 }
