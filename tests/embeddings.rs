@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 use latent::model::ModelSource;
-use latent::pipeline::{GenerateRequest, Sampling, StableDiffusion};
+use latent::pipeline::StableDiffusion;
 use latent::prompt::{PromptSyntax, TextOptions};
 
 mod common;
@@ -65,26 +65,8 @@ fn plain_prompts_match_diffusers_textual_inversion() {
         );
     }
     // A whole pipeline: Euler, 4 steps, guidance 7.5, seed 3, 32x32.
-    let req = GenerateRequest {
-        prompt: prompts[0].into(),
-        negative_prompt: String::new(),
-        sampling: Sampling {
-            width: 32,
-            height: 32,
-            steps: 4,
-            guidance: 7.5,
-            scheduler: "euler".parse().unwrap(),
-            karras: false,
-            rng: latent::noise::RngKind::Torch,
-            size_conditioning: Default::default(),
-            preview_every: None,
-            text: PLAIN,
-            image: None,
-        },
-        seeds: vec![3],
-        batch_size: 1,
-        latents: None,
-    };
+    let mut req = common::request(prompts[0], 32, 4, "euler", 3);
+    req.sampling.text = PLAIN;
     let out = sd1
         .generate(&req, &latent::Cancel::new(), &mut |_| {})
         .unwrap();

@@ -9,11 +9,10 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use latent::lora::LoraSpec;
 use latent::model::ModelSource;
-use latent::pipeline::{GenerateRequest, LoadOptions, LoraSettings, Sampling, StableDiffusion};
-use latent::prompt::{PromptSyntax, TextOptions};
+use latent::pipeline::{LoadOptions, LoraSettings, StableDiffusion};
 
 mod common;
-use common::{fixtures, latent, max_abs, max_abs_diff, stderr};
+use common::{fixtures, latent, max_abs, max_abs_diff, request, stderr};
 
 const PROMPT: &str = "a photo of a cat";
 
@@ -59,29 +58,7 @@ fn load(name: &str, dir: &Path, base: &[LoraSpec]) -> StableDiffusion {
 
 /// Final latents of the goldens' run: Euler, 4 steps, guidance 7.5, seed 3, 32x32.
 fn run(model: &StableDiffusion, prompt: &str) -> Tensor {
-    let req = GenerateRequest {
-        prompt: prompt.into(),
-        negative_prompt: String::new(),
-        sampling: Sampling {
-            width: 32,
-            height: 32,
-            steps: 4,
-            guidance: 7.5,
-            scheduler: "euler".parse().unwrap(),
-            karras: false,
-            rng: latent::noise::RngKind::Torch,
-            size_conditioning: Default::default(),
-            preview_every: None,
-            text: TextOptions {
-                syntax: PromptSyntax::Plain,
-                clip_skip: 1,
-            },
-            image: None,
-        },
-        seeds: vec![3],
-        batch_size: 1,
-        latents: None,
-    };
+    let req = request(prompt, 32, 4, "euler", 3);
     let out = model
         .generate(&req, &latent::Cancel::new(), &mut |_| {})
         .unwrap();

@@ -198,27 +198,9 @@ fn latents_of(model: &StableDiffusion, prompt: &str, negative: &str) -> Tensor {
 }
 
 fn latents_in(model: &StableDiffusion, prompt: &str, negative: &str, text: TextOptions) -> Tensor {
-    use latent::pipeline::{GenerateRequest, Sampling};
-    let req = GenerateRequest {
-        prompt: prompt.into(),
-        negative_prompt: negative.into(),
-        sampling: Sampling {
-            width: 32,
-            height: 32,
-            steps: 6,
-            guidance: 7.5,
-            scheduler: "euler".parse().unwrap(),
-            karras: false,
-            rng: latent::noise::RngKind::Torch,
-            size_conditioning: Default::default(),
-            preview_every: None,
-            text,
-            image: None,
-        },
-        seeds: vec![7],
-        batch_size: 1,
-        latents: None,
-    };
+    let mut req = common::request(prompt, 32, 6, "euler", 7);
+    req.negative_prompt = negative.into();
+    req.sampling.text = text;
     let out = model
         .generate(&req, &latent::Cancel::new(), &mut |_| {})
         .unwrap();
