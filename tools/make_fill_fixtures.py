@@ -9,7 +9,7 @@ The fill: the kept part of the picture (alpha = 255 - mask) in premultiplied for
 at radii 256, 64, 16, 4, 2 and 0 (no blur), and each blurred layer, back in straight alpha,
 is composited over the result 1, 1, 2, 4, 2 and 1 times; the result's RGB is the picture.
 
-Run: /work/venv/bin/python tools/make_fill_fixtures.py
+Run from the repository root: "${PYTHON:-python3}" tools/make_fill_fixtures.py
 """
 from pathlib import Path
 
