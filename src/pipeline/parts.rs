@@ -170,7 +170,6 @@ pub(super) fn from_folder(
         }
         None => (AutoencoderFiles::open(files, "vae", prefer_fp16)?, None),
     };
-    let _ = c.class;
     Ok(ModelParts {
         family: c.family,
         force_zeros_for_empty_prompt: c.force_zeros_for_empty_prompt,
